@@ -1,0 +1,130 @@
+"""The dataset interface every adapter returns, and the held-out split G-Blend and OGR measure on."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from blendtune.errors import UserError
+from blendtune.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+
+class MultimodalDataset(Dataset):
+    """In-memory k-modality classification data; an item is ({modality: tensor}, target)."""
+
+    def __init__(self, inputs: dict[str, Tensor], targets: Tensor, num_classes: int,
+                 groups: Sequence[str] | None = None, default_encoders: dict[str, str] | None = None):
+        n = len(targets)
+        for m, x in inputs.items():
+            if len(x) != n:
+                raise ValueError(f"modality {m!r} has {len(x)} samples, targets have {n}")
+        self.inputs = inputs
+        self.targets = targets.long()
+        self.num_classes = num_classes
+        self.groups = list(groups) if groups is not None else None
+        self.default_encoders = default_encoders or {m: "mlp" for m in inputs}
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.inputs)
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {m: tuple(x.shape[1:]) for m, x in self.inputs.items()}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return {m: x[i] for m, x in self.inputs.items()}, self.targets[i]
+
+    def __getitems__(self, indices) -> tuple[dict[str, Tensor], Tensor]:
+        # DataLoader fetches a whole batch with one indexing op per modality instead of per sample.
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {m: x[idx] for m, x in self.inputs.items()}, self.targets[idx]
+
+    def subset(self, indices) -> "MultimodalDataset":
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        groups = [self.groups[i] for i in idx.tolist()] if self.groups is not None else None
+        return MultimodalDataset({m: x[idx] for m, x in self.inputs.items()}, self.targets[idx],
+                                 self.num_classes, groups, self.default_encoders)
+
+
+@dataclass
+class Splits:
+    train: MultimodalDataset      # T: what the model trains on
+    held_out: MultimodalDataset | None  # V: carved from the training set, never trained on
+    train_eval: MultimodalDataset  # T or a fixed subset T' for measuring train loss
+    test: MultimodalDataset
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.train.modalities
+
+
+def data_root(root: str | None) -> Path:
+    root = root or os.environ.get("BLENDTUNE_DATA_ROOT")
+    if not root:
+        raise UserError("data root not set: set data.root=DIR or the BLENDTUNE_DATA_ROOT environment variable")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise UserError(f"data root {str(path)!r} (data.root / BLENDTUNE_DATA_ROOT) is not a directory")
+    return path
+
+
+def held_out_indices(targets: np.ndarray, ratio: float, seed: int,
+                     groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held_out) index arrays. Stratified by class, or whole groups when `groups` is given."""
+    n = len(targets)
+    rng = np.random.default_rng(seed)
+    if ratio <= 0:
+        return np.arange(n), np.arange(0)
+    if groups is not None:
+        groups = np.asarray(groups)
+        names = np.unique(groups)
+        if len(names) < 2:
+            raise UserError(f"group-aware held-out split needs at least 2 groups, the training set has {len(names)}")
+        rng.shuffle(names)
+        chosen, count = [], 0
+        for name in names[:-1]:  # always leave one group to train on
+            chosen.append(name)
+            count += int((groups == name).sum())
+            if count >= ratio * n:
+                break
+        mask = np.isin(groups, chosen)
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
+    held = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        rng.shuffle(idx)
+        take = int(round(ratio * len(idx)))
+        if len(idx) > 1:
+            take = min(max(take, 1), len(idx) - 1)
+        held.append(idx[:take])
+    held = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(n), held), held
+
+
+def build_splits(dataset: str, data_args: dict, held_out_ratio: float, held_out_by_group: bool,
+                 train_eval_size: int | None, seed: int) -> Splits:
+    """Build the named dataset and carve the held-out split from its training part (seeded)."""
+    full_train, test = DATASETS.get(dataset)(**data_args)
+    groups = full_train.groups if held_out_by_group else None
+    if held_out_by_group and groups is None:
+        raise UserError(f"data.held_out_by_group=true, but dataset {dataset!r} has no groups")
+    train_idx, held_idx = held_out_indices(full_train.targets.numpy(), held_out_ratio, seed, groups)
+    train = full_train.subset(train_idx)
+    held_out = full_train.subset(held_idx) if len(held_idx) else None
+    train_eval = train
+    if train_eval_size is not None and train_eval_size < len(train):
+        pick = np.sort(np.random.default_rng(seed + 1).choice(len(train), train_eval_size, replace=False))
+        train_eval = train.subset(pick)
+    return Splits(train, held_out, train_eval, test)

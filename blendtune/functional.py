@@ -1,0 +1,109 @@
+"""The balancing math as small pure functions: OGR, G-Blend weights, OGM coefficients, GE noise.
+
+Strategies call these; tests call them directly with hand-computed values. The spec is
+`docs/algorithms.md` (the project's copy of the shared reference); names follow it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+
+class OGR(NamedTuple):
+    delta_g: float  # generalization gained: held-out loss decrease over the window
+    delta_o: float  # overfitting gained: growth of (held-out - train) loss gap
+    ogr: float      # |delta_o / delta_g|; small means learning that generalizes
+
+
+def ogr(train_loss_start: float, heldout_loss_start: float,
+        train_loss_end: float, heldout_loss_end: float) -> OGR:
+    """Overfitting-to-generalization ratio over one window (Wang et al., CVPR 2020)."""
+    delta_g = heldout_loss_start - heldout_loss_end
+    delta_o = (heldout_loss_end - train_loss_end) - (heldout_loss_start - train_loss_start)
+    if delta_g == 0.0:
+        ratio = 0.0 if delta_o == 0.0 else math.inf
+    else:
+        ratio = abs(delta_o / delta_g)
+    return OGR(delta_g, delta_o, ratio)
+
+
+def gblend_weights(delta_g: Mapping[str, float], delta_o: Mapping[str, float],
+                   previous: Mapping[str, float] | None = None, eps: float = 1e-8) -> dict[str, float]:
+    """Optimal blend weights w_i proportional to dG_i / dO_i^2 (Prop. 1), on the simplex.
+
+    A head whose held-out loss did not improve (dG <= 0) gets weight 0; dO^2 is floored at `eps`;
+    if every weight is 0 the previous weights are kept (uniform when there are none).
+    """
+    if set(delta_g) != set(delta_o):
+        raise ValueError(f"delta_g and delta_o name different heads: {sorted(delta_g)} vs {sorted(delta_o)}")
+    raw = {h: (max(delta_g[h], 0.0) / max(delta_o[h] ** 2, eps)) for h in delta_g}
+    total = sum(raw.values())
+    if total <= 0.0 or not math.isfinite(total):
+        if previous is not None:
+            return dict(previous)
+        return {h: 1.0 / len(raw) for h in raw}
+    return {h: v / total for h, v in raw.items()}
+
+
+def ogm_scores(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> Tensor:
+    """s_u = sum over the batch of softmax(logits_u)[y]; one entry per modality, in mapping order."""
+    return torch.stack([
+        torch.softmax(logits.float(), dim=1).gather(1, targets.view(-1, 1)).sum()
+        for logits in unimodal_logits.values()
+    ])
+
+
+def ogm_coefficients_from_scores(scores: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Discrepancy ratios rho and coefficients k from summed scores (tensor in, tensors out, no sync).
+
+    rho_u = s_u / mean_{w != u} s_w (for two modalities exactly s_u / s_other, as the paper);
+    k_u = 1 - tanh(alpha * rho_u) when rho_u > 1, else 1: only the dominant modality slows down.
+    """
+    k = scores.numel()
+    if k < 2:
+        raise ValueError("OGM needs at least two modalities")
+    others_mean = (scores.sum() - scores) / (k - 1)
+    rho = scores / others_mean.clamp_min(torch.finfo(scores.dtype).tiny)
+    coeff = torch.where(rho > 1, 1 - torch.tanh(alpha * rho), torch.ones_like(rho))
+    return rho, coeff
+
+
+def ogm_coefficients(unimodal_logits: Mapping[str, Tensor], targets: Tensor, alpha: float) -> dict[str, float]:
+    """OGM modulation coefficient per modality for one batch (Peng et al., CVPR 2022)."""
+    _, coeff = ogm_coefficients_from_scores(ogm_scores(unimodal_logits, targets), alpha)
+    return dict(zip(unimodal_logits.keys(), coeff.tolist()))
+
+
+def ogm_rho(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> dict[str, float]:
+    """Discrepancy ratio rho per modality for one batch."""
+    rho, _ = ogm_coefficients_from_scores(ogm_scores(unimodal_logits, targets), alpha=0.0)
+    return dict(zip(unimodal_logits.keys(), rho.tolist()))
+
+
+def gradient_stds(grads: Sequence[Tensor]) -> list[Tensor]:
+    """Per-tensor standard deviation (0 for one-element tensors), kept on device: no host sync."""
+    return [g.std() if g.numel() > 1 else g.new_zeros(()) for g in grads]
+
+
+def modulate_gradients_(grads: Sequence[Tensor], coeff: Tensor | float, noise_scale: float = 0.0,
+                        generator: torch.Generator | None = None) -> None:
+    """In place: g <- coeff * g + eps, eps ~ N(0, (noise_scale * std(g_unmodulated))^2) per tensor.
+
+    With noise_scale == 0 this is plain OGM; otherwise OGM-GE. The noise is drawn with one call from
+    `generator`, so ranks that seed it identically add identical noise.
+    """
+    grads = list(grads)
+    if not grads:
+        return
+    stds = gradient_stds(grads) if noise_scale > 0 else None
+    torch._foreach_mul_(grads, coeff)
+    if stds is None:
+        return
+    total = sum(g.numel() for g in grads)
+    flat = torch.randn(total, generator=generator, device=grads[0].device, dtype=grads[0].dtype)
+    noise = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+    torch._foreach_mul_(noise, [s * noise_scale for s in stds])
+    torch._foreach_add_(grads, noise)

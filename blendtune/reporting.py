@@ -1,0 +1,54 @@
+"""Where per-epoch metrics go: `metrics.jsonl` in the run directory and a compact table on stdout."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no inf/nan; null marks "undefined" (e.g. OGR when dG == 0)
+    return value
+
+
+class MetricsFile:
+    """Appends one JSON object per epoch. On resume, drops epochs after the checkpoint being resumed."""
+
+    def __init__(self, path: Path, resume_epoch: int | None = None):
+        self.path = path
+        if resume_epoch is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] <= resume_epoch]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def __call__(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class EpochTable:
+    """epoch | test accuracy per head | blend weights or OGM coefficients | seconds."""
+
+    def __init__(self, heads: list[str], stream=sys.stdout):
+        self.heads = heads
+        self.stream = stream
+        self.printed_header = False
+
+    def __call__(self, metrics: dict) -> None:
+        extra = sorted(k for k in metrics if k.startswith(("gblend/w/", "ogm/coeff/")))
+        cols = ["epoch"] + [f"test/{h}" for h in self.heads + ["ensemble"]] + \
+               [k.replace("gblend/w/", "w:").replace("ogm/coeff/", "k:") for k in extra] + ["sec"]
+        if not self.printed_header:
+            print("  ".join(f"{c:>10}" for c in cols), file=self.stream)
+            self.printed_header = True
+        values = [f"{metrics['epoch']:>10d}"]
+        values += [f"{metrics.get(f'acc/test/{h}', float('nan')):>10.4f}" for h in self.heads + ["ensemble"]]
+        values += [f"{metrics[k]:>10.3f}" for k in extra]
+        values.append(f"{metrics.get('time/epoch_s', 0.0):>10.1f}")
+        print("  ".join(values), file=self.stream, flush=True)

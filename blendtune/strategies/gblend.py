@@ -1,0 +1,111 @@
+"""Gradient Blending (Wang, Tran, Feiszli, CVPR 2020): train on sum_i w_i L_i over the k + 1 heads,
+with w_i proportional to dG_i / dO_i^2 measured on a held-out split carved from the training set.
+
+Estimators of (dG_i, dO_i) over a super-epoch of n epochs:
+- `paper` (Alg. 1): from the checkpoint at the start of the super-epoch, a copy of the model per head
+  trains that head's network alone on L_i for n epochs; cost (k + 1) * n extra epochs per estimate.
+- `heads` (cheap): the main run's own heads, measured at the two ends of the super-epoch that was
+  just trained; weights for the next super-epoch; cost: only the evaluations the loop does anyway.
+Online (Alg. 3) re-estimates every super-epoch; offline (Alg. 2) estimates once. An optional warm-up
+of `warmup` epochs trains with uniform weights before the first estimate.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from blendtune.functional import gblend_weights, ogr
+from blendtune.models import ModelOutput
+from blendtune.strategies.base import STRATEGIES, BalancingStrategy, head_losses
+
+if TYPE_CHECKING:
+    from blendtune.loop import Evaluation, Trainer
+
+
+@STRATEGIES.register("gblend")
+class GBlend(BalancingStrategy):
+    config_section = "gblend"
+    detach_unimodal_heads = False
+
+    def __init__(self, mode: str, super_epoch: int, warmup: int, estimator: str, eps: float = 1e-8):
+        self.mode, self.super_epoch, self.warmup, self.estimator, self.eps = mode, super_epoch, warmup, estimator, eps
+
+    def setup(self, model, seed, total_epochs):
+        super().setup(model, seed, total_epochs)
+        self.heads = model.head_names
+        self.weights = {h: 1.0 / len(self.heads) for h in self.heads}
+        self.window_start: int | None = None      # epoch where the current super-epoch began
+        self.window_losses: dict | None = None    # its train / held-out losses per head
+        self.estimates = 0
+        self._last = {}                            # dG, dO, OGR of the latest estimate, for logging
+
+    def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        losses = head_losses(out, targets, self.heads)
+        return sum(self.weights[h] * losses[h] for h in self.heads)
+
+    def is_boundary(self, epoch: int) -> bool:
+        """Super-epochs start at 0 (when there is a warm-up), at `warmup`, then every `super_epoch`."""
+        if epoch == 0:
+            return True
+        return epoch >= self.warmup and (epoch - self.warmup) % self.super_epoch == 0
+
+    def on_epoch_end(self, epoch: int, evaluation: "Evaluation", trainer: "Trainer") -> None:
+        if not self.is_boundary(epoch) or epoch >= self.total_epochs:
+            return
+        done = self.mode == "offline" and self.estimates > 0
+        losses = evaluation.losses()
+        if not done:
+            if self.estimator == "paper" and epoch >= self.warmup:
+                self._set_from_window(losses, self.paper_estimate(trainer, losses))
+            elif self.estimator == "heads" and self.window_start is not None:
+                self._set_from_window(self.window_losses, losses)
+        self.window_start, self.window_losses = epoch, losses
+
+    def _set_from_window(self, start: dict, end: dict) -> None:
+        stats = {h: ogr(start["train"][h], start["held_out"][h], end["train"][h], end["held_out"][h])
+                 for h in self.heads}
+        self.weights = gblend_weights({h: s.delta_g for h, s in stats.items()},
+                                      {h: s.delta_o for h, s in stats.items()}, previous=self.weights, eps=self.eps)
+        self.estimates += 1
+        self._last = stats
+
+    def paper_estimate(self, trainer: "Trainer", start: dict) -> dict:
+        """GB_Estimate(checkpoint, n): per head, train a copy of the model on that head's loss alone
+        for n epochs and measure its train / held-out losses at the end."""
+        began = time.perf_counter()
+        end = {"train": {}, "held_out": {}}
+        for head in self.heads:
+            model_copy = copy.deepcopy(self.model)
+            trainer.train_copy(model_copy, lambda out, y, h=head: F.cross_entropy(out.logits[h], y),
+                               epochs=self.super_epoch)
+            losses = trainer.evaluate(model_copy).losses()
+            end["train"][head], end["held_out"][head] = losses["train"][head], losses["held_out"][head]
+            del model_copy
+        self._estimate_seconds = time.perf_counter() - began
+        return end
+
+    def epoch_metrics(self) -> dict[str, float]:
+        metrics = {f"gblend/w/{h}": w for h, w in self.weights.items()}
+        for h, s in self._last.items():
+            metrics[f"gblend/delta_g/{h}"] = s.delta_g
+            metrics[f"gblend/delta_o/{h}"] = s.delta_o
+            metrics[f"gblend/ogr/{h}"] = s.ogr
+        if getattr(self, "_estimate_seconds", None) is not None:
+            metrics["time/gblend_estimate_s"] = self._estimate_seconds
+            self._estimate_seconds = None
+        self._last = {}
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"weights": dict(self.weights), "window_start": self.window_start,
+                "window_losses": self.window_losses, "estimates": self.estimates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = dict(state["weights"])
+        self.window_start = state["window_start"]
+        self.window_losses = state["window_losses"]
+        self.estimates = state["estimates"]

@@ -1,0 +1,80 @@
+"""OGM: On-the-fly Gradient Modulation (Peng et al., CVPR 2022). Only the fused loss trains the
+encoders; after backward, the dominant modality's encoder gradients are scaled by k_u < 1."""
+from __future__ import annotations
+
+import torch
+
+from blendtune.distributed import all_reduce_sum_
+from blendtune.functional import modulate_gradients_, ogm_coefficients_from_scores, ogm_scores
+from blendtune.models import ModelOutput
+from blendtune.strategies.base import STRATEGIES, BalancingStrategy
+
+
+@STRATEGIES.register("ogm")
+class OGM(BalancingStrategy):
+    config_section = "ogm"
+    use_noise = False  # OGM-GE sets this
+
+    def __init__(self, alpha: float, noise_scale: float, modulation_start: int, modulation_end: int,
+                 params: str = "all"):
+        self.alpha = alpha
+        self.noise_scale = noise_scale if self.use_noise else 0.0
+        self.modulation_start = modulation_start
+        self.modulation_end = modulation_end
+        self.params = params
+
+    def setup(self, model, seed, total_epochs):
+        super().setup(model, seed, total_epochs)
+        # Which gradients each modality's coefficient scales: all encoder parameters, or (as the
+        # official code does) only the conv weights.
+        self.modulated = {
+            m: [p for _, p in model.encoder_parameters(m) if p.requires_grad and (self.params == "all" or p.dim() == 4)]
+            for m in model.modalities
+        }
+        self.generator = None
+        self._reset_epoch_sums()
+
+    def _reset_epoch_sums(self) -> None:
+        self._rho_sum = self._coeff_sum = None
+        self._steps = 0
+
+    def unimodal_logits(self, out: ModelOutput) -> dict[str, torch.Tensor]:
+        """The paper scores each modality through its share of the fused classifier (concat: W_u, b/k;
+        sum: its own branch). Fusions without such a share (film, gated) use the uni-modal heads."""
+        feats = {m: f.detach() for m, f in out.features.items()}
+        with torch.no_grad():
+            if hasattr(self.model.fusion, "unimodal_logits"):
+                return self.model.fusion.unimodal_logits(feats)
+            return {m: out.logits[m].detach() for m in self.model.modalities}
+
+    def after_backward(self, out: ModelOutput, targets: torch.Tensor, epoch: int, step: int) -> None:
+        scores = all_reduce_sum_(ogm_scores(self.unimodal_logits(out), targets))  # one coefficient on all ranks
+        rho, coeff = ogm_coefficients_from_scores(scores, self.alpha)
+        if self.modulation_start <= epoch <= self.modulation_end:
+            generator = self._noise_generator(coeff.device, step) if self.noise_scale > 0 else None
+            for i, m in enumerate(self.model.modalities):
+                grads = [p.grad for p in self.modulated[m] if p.grad is not None]
+                modulate_gradients_(grads, coeff[i], self.noise_scale, generator)
+        else:
+            coeff = torch.ones_like(coeff)
+        self._rho_sum = rho if self._rho_sum is None else self._rho_sum + rho
+        self._coeff_sum = coeff if self._coeff_sum is None else self._coeff_sum + coeff
+        self._steps += 1
+
+    def _noise_generator(self, device: torch.device, step: int) -> torch.Generator:
+        # Seeded by (seed, step) alone, so every rank draws the same noise and replicas stay identical.
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+        return self.generator.manual_seed(self.seed * 1_000_003 + step)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        if not self._steps:
+            return {}
+        rho = (self._rho_sum / self._steps).tolist()
+        coeff = (self._coeff_sum / self._steps).tolist()
+        self._reset_epoch_sums()
+        metrics = {}
+        for m, r, c in zip(self.model.modalities, rho, coeff):
+            metrics[f"ogm/rho/{m}"] = r
+            metrics[f"ogm/coeff/{m}"] = c
+        return metrics

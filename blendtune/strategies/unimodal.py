@@ -1,0 +1,25 @@
+"""One modality alone: its encoder and head trained on its own loss; read its head's accuracy."""
+import torch
+import torch.nn.functional as F
+
+from blendtune.errors import UserError
+from blendtune.models import ModelOutput
+from blendtune.strategies.base import STRATEGIES, BalancingStrategy
+
+
+@STRATEGIES.register("unimodal")
+class Unimodal(BalancingStrategy):
+    config_section = "unimodal"
+    detach_unimodal_heads = False
+
+    def __init__(self, modality: str):
+        self.modality = modality
+
+    def setup(self, model, seed, total_epochs):
+        super().setup(model, seed, total_epochs)
+        if self.modality not in model.modalities:
+            raise UserError(f"config key 'unimodal.modality': expected one of {', '.join(model.modalities)}, "
+                            f"got {self.modality!r}")
+
+    def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        return F.cross_entropy(out.logits[self.modality], targets)
