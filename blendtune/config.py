@@ -25,13 +25,13 @@ class SyntheticModality:
 
 @dataclass
 class SyntheticConfig:
-    num_classes: int = 5
-    num_train: int = 1000
+    num_classes: int = 10
+    num_train: int = 500
     num_test: int = 1000
     seed: int = 0                # the dataset is fixed by this seed, like a real one; `seed` varies the run
     modalities: Dict[str, SyntheticModality] = field(default_factory=lambda: {
-        "clean": SyntheticModality(dim=16, signal=1.0),
-        "memorizable": SyntheticModality(dim=16, signal=0.5, memorize_dims=256),
+        "clean": SyntheticModality(dim=16, signal=0.6),
+        "memorizable": SyntheticModality(dim=16, signal=0.4, memorize_dims=512),
     })
 
 

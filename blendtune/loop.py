@@ -173,6 +173,7 @@ class Trainer:
             self.last_losses = evaluation.losses()
         for epoch in range(self.epoch + 1, self.cfg.train.epochs + 1):
             began = time.perf_counter()
+            self.strategy.on_epoch_start(epoch, self)
             train_loss = self.train_epoch(epoch)
             self.scheduler.step()
             evaluation = self.evaluate(self.model)

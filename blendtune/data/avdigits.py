@@ -99,7 +99,7 @@ def avdigits(test_speakers: list[str], window_s: float, sample_rate: int, n_fft:
     unknown = sorted(set(test_speakers) - set(speakers))
     if unknown:
         raise UserError(f"config key 'data.avdigits.test_speakers': no clips from {unknown}; "
-                        f"speakers found: {sorted(set(speakers))}")
+                        f"speakers found: {sorted(set(speakers.tolist()))}")
     digits = np.array([d for _, d, _ in clips])
     length = int(round(window_s * sample_rate))
     waves = torch.stack([fit_to_window(read_clip(p, sample_rate), length) for p, _, _ in clips])

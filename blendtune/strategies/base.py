@@ -1,6 +1,7 @@
 """The strategy interface: a few optional hooks that the training loop (blendtune/loop.py) calls.
 
     for epoch:                                       # loop.Trainer.fit
+        strategy.on_epoch_start(epoch, trainer)                    # e.g. G-Blend's paper estimate
         for batch:                                   # loop.Trainer.train_epoch
             masks = strategy.modality_masks(targets)
             out   = model(inputs, masks, detach_unimodal_heads=strategy.detach_unimodal_heads)
@@ -55,6 +56,9 @@ class BalancingStrategy:
         return F.cross_entropy(out.logits[FUSED], targets)
 
     def after_backward(self, out: ModelOutput, targets: torch.Tensor, epoch: int, step: int) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int, trainer: "Trainer") -> None:
         pass
 
     def on_epoch_end(self, epoch: int, evaluation: "Evaluation", trainer: "Trainer") -> None:

@@ -53,16 +53,23 @@ class GBlend(BalancingStrategy):
             return True
         return epoch >= self.warmup and (epoch - self.warmup) % self.super_epoch == 0
 
+    def _estimating(self) -> bool:
+        return self.mode == "online" or self.estimates == 0
+
+    def on_epoch_start(self, epoch: int, trainer: "Trainer") -> None:
+        """Paper estimator (Alg. 3): at the start of a super-epoch, estimate from the current checkpoint."""
+        boundary = epoch - 1
+        if self.estimator == "paper" and self.is_boundary(boundary) and boundary >= self.warmup and self._estimating():
+            start = trainer.last_losses
+            self._set_from_window(start, self.paper_estimate(trainer, start))
+
     def on_epoch_end(self, epoch: int, evaluation: "Evaluation", trainer: "Trainer") -> None:
-        if not self.is_boundary(epoch) or epoch >= self.total_epochs:
+        """Heads estimator: at the end of a super-epoch, weights from what the main run's heads did in it."""
+        if not self.is_boundary(epoch):
             return
-        done = self.mode == "offline" and self.estimates > 0
         losses = evaluation.losses()
-        if not done:
-            if self.estimator == "paper" and epoch >= self.warmup:
-                self._set_from_window(losses, self.paper_estimate(trainer, losses))
-            elif self.estimator == "heads" and self.window_start is not None:
-                self._set_from_window(self.window_losses, losses)
+        if self.estimator == "heads" and self.window_start is not None and self._estimating():
+            self._set_from_window(self.window_losses, losses)
         self.window_start, self.window_losses = epoch, losses
 
     def _set_from_window(self, start: dict, end: dict) -> None:

@@ -1,0 +1,93 @@
+"""Search spaces: YAML mapping dotted config keys to distributions, validated against the schema.
+
+    # blendtune sweep experiments/avdigits_gblend.yaml --space search_spaces/gblend.yaml
+    gblend.super_epoch: {choice: [1, 2, 4]}
+    optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
+
+Distributions: choice [values], grid [values], uniform [low, high], loguniform [low, high],
+randint [low, high) - the same names as `ray.tune`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from blendtune.config import ExperimentConfig, flat_keys, load_config
+from blendtune.errors import UserError
+
+KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    kind: str
+    args: tuple
+
+    def examples(self) -> list[Any]:
+        """Values that must all be valid for the key: every option, or both ends of a range."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        low, high = self.args
+        return [low, high - 1] if self.kind == "randint" else [low, high]
+
+
+def parse_space(raw: Any, source: str) -> dict[str, Distribution]:
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{source}: a search space maps config keys to distributions, e.g. "
+                        "'optim.lr: {loguniform: [1.0e-4, 1.0e-2]}'")
+    space = {}
+    for key, spec in raw.items():
+        where = f"{source}: key '{key}'"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise UserError(f"{where}: expected one of {{{', '.join(KINDS)}: ...}}, got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args:
+            raise UserError(f"{where}: {kind} takes a non-empty list, got {args!r}")
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
+                raise UserError(f"{where}: {kind} takes [low, high] with low < high, got {args!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise UserError(f"{where}: loguniform needs low > 0, got {args[0]}")
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise UserError(f"{where}: randint takes integers, got {args!r}")
+        space[str(key)] = Distribution(kind, tuple(args))
+    return space
+
+
+def load_search_space(path: str | Path) -> dict[str, Distribution]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search space file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    return parse_space(raw, str(path))
+
+
+def validate_space(space: dict[str, Distribution], base: ExperimentConfig | None = None,
+                   source: str = "search space") -> None:
+    """Every key must be a config key and every value the space can produce must type-check."""
+    keys = flat_keys(base or ExperimentConfig())
+    for key, dist in space.items():
+        if key not in keys:
+            near = sorted(k for k in keys if k.split(".")[-1] == key.split(".")[-1])
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise UserError(f"{source}: '{key}' is not a config key{hint}")
+        for value in dist.examples():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{source}: key '{key}': value {value} is not finite")
+            try:
+                load_config(None, [f"{key}={_override_text(value)}"])
+            except UserError as e:
+                raise UserError(f"{source}: key '{key}': value {value!r} is not valid: {e}") from None
+
+
+def _override_text(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return str(value)

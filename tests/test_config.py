@@ -1,0 +1,79 @@
+"""Configs: strict keys and types, every shipped YAML validates, search spaces are checked."""
+from pathlib import Path
+
+import pytest
+
+from blendtune.config import load_config
+from blendtune.errors import UserError
+from blendtune.search_space import load_search_space, parse_space, validate_space
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_validates_and_starts_with_its_command(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    assert path.read_text().startswith("# ") and f"blendtune train experiments/{path.name}" in path.read_text().splitlines()[0]
+
+
+def test_experiments_cover_every_strategy_on_both_datasets():
+    from blendtune.strategies import STRATEGIES
+    for dataset in ("synthetic", "avdigits"):
+        used = {load_config(p).strategy for p in EXPERIMENTS if load_config(p).data.dataset == dataset}
+        assert used == set(STRATEGIES.names())
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_search_space_validates(path):
+    space = load_search_space(path)
+    validate_space(space, source=str(path))
+    assert path.read_text().startswith("# blendtune sweep")
+
+
+def test_unknown_key_is_named_with_valid_alternatives():
+    with pytest.raises(UserError, match=r"unknown config key 'optim.lrr'.*valid keys under 'optim': name, lr"):
+        load_config(None, ["optim.lrr=0.1"])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown config key 'train.epoch'"):
+        load_config(bad)
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(UserError, match=r"config key 'optim.lr'.*abc"):
+        load_config(None, ["optim.lr=abc"])
+    with pytest.raises(UserError, match=r"config key 'train.epochs'"):
+        load_config(None, ["train.epochs=2.5"])
+
+
+def test_choices_and_registry_names_are_checked():
+    with pytest.raises(UserError, match=r"'strategy': expected one of .*gblend.*got 'gblendd'"):
+        load_config(None, ["strategy=gblendd"])
+    with pytest.raises(UserError, match=r"'gblend.estimator'"):
+        load_config(None, ["gblend.estimator=magic"])
+    with pytest.raises(UserError, match=r"model.encoders.audio.name"):
+        load_config(None, ["model.encoders.audio.name=vit"])
+    with pytest.raises(UserError, match=r"expected key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(None, ["optim.lr=0.5", "gblend.super_epoch=3", "data.avdigits.test_speakers=[theo]"])
+    assert cfg.optim.lr == 0.5 and cfg.gblend.super_epoch == 3 and cfg.data.avdigits.test_speakers == ["theo"]
+
+
+def test_search_space_errors():
+    with pytest.raises(UserError, match="not a config key"):
+        validate_space(parse_space({"optim.learning_rate": {"uniform": [0.1, 0.2]}}, "s"))
+    with pytest.raises(UserError, match="low < high"):
+        parse_space({"optim.lr": {"uniform": [0.2, 0.1]}}, "s")
+    with pytest.raises(UserError, match="not valid"):
+        validate_space(parse_space({"gblend.super_epoch": {"choice": [1, "two"]}}, "s"))
+    with pytest.raises(UserError, match="expected one of"):
+        parse_space({"optim.lr": {"normal": [0, 1]}}, "s")

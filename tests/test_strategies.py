@@ -1,0 +1,162 @@
+"""Every registered strategy trains and resumes exactly; G-Blend and OGM do what the papers say."""
+import json
+
+import pytest
+import torch
+
+from blendtune.config import load_config
+from blendtune.functional import ogm_coefficients
+from blendtune.loop import Trainer
+from blendtune.models import FUSED
+from blendtune.strategies import STRATEGIES
+from conftest import TINY
+
+# Settings per strategy (Composer-style table): a new strategy is covered by adding a row.
+SETTINGS = {
+    "naive": [],
+    "unimodal": ["unimodal.modality=clean"],
+    "modality_dropout": ["modality_dropout.p=0.5"],
+    "gblend": ["gblend.super_epoch=1", "gblend.estimator=heads"],
+    "ogm": ["ogm.alpha=0.5"],
+    "ogm_ge": ["ogm.alpha=0.5", "ogm.noise_scale=0.5"],
+}
+VARIANTS = [(s, []) for s in SETTINGS] + [("gblend", ["gblend.estimator=paper", "gblend.super_epoch=1"]),
+                                           ("gblend", ["gblend.mode=offline", "gblend.estimator=paper"])]
+
+
+def test_settings_table_covers_every_registered_strategy():
+    assert set(SETTINGS) == set(STRATEGIES.names())
+
+
+def _cfg(strategy, extra=(), tmp_path=None):
+    out = [f"output_dir={tmp_path}"] if tmp_path else []
+    return load_config(None, TINY + [f"strategy={strategy}"] + SETTINGS[strategy] + list(extra) + out)
+
+
+@pytest.mark.parametrize("strategy,extra", VARIANTS, ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_every_strategy_trains_and_resumes_exactly(strategy, extra, tmp_path):
+    cfg = _cfg(strategy, ["train.epochs=3", *extra])
+    straight = Trainer(cfg, tmp_path / "straight")
+    logged = []
+    straight.callbacks = [logged.append]
+    last = straight.fit()
+    assert [m["epoch"] for m in logged] == [1, 2, 3]
+    for head in ("clean", "memorizable", FUSED):
+        assert 0.0 <= last[f"acc/test/{head}"] <= 1.0 and f"ogr/{head}" in last
+    assert last["loss/objective"] == last["loss/objective"]  # not NaN
+
+    # Train 2 epochs, stop, resume from the checkpoint in a fresh Trainer, finish epoch 3.
+    first = Trainer(_cfg(strategy, ["train.epochs=2", *extra]), tmp_path / "split")
+    first.fit()
+    resumed = Trainer(cfg, tmp_path / "split")
+    resumed.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert resumed.epoch == 2
+    resumed_last = resumed.fit()
+    for name, p in straight.model.state_dict().items():
+        assert torch.equal(p, resumed.model.state_dict()[name]), name
+    assert resumed_last["acc/test/fused"] == last["acc/test/fused"]
+    assert resumed.strategy.state_dict() == straight.strategy.state_dict()
+
+
+def test_gblend_moves_weight_away_from_the_memorizable_modality():
+    # 'memorizable' has a weak signal and 512 per-sample random dims: its head fits the training labels
+    # (train loss falls) while its held-out loss rises, so its OGR is poor and its weight must drop.
+    cfg = load_config(None, ["strategy=gblend", "gblend.super_epoch=2", "gblend.estimator=heads", "train.epochs=8",
+                             "data.held_out_ratio=0.2", "train.progress=false"])
+    trainer = Trainer(cfg)
+    history = []
+    trainer.callbacks = [history.append]
+    trainer.fit()
+    w = trainer.strategy.weights
+    assert w["memorizable"] < 0.05 < w["clean"]
+    assert w["memorizable"] < 1 / 3  # started uniform
+    first = history[1]  # the first estimate, at the end of super-epoch 1 (epoch 2)
+    assert first["gblend/ogr/memorizable"] > 10 * first["gblend/ogr/clean"]
+    assert first["gblend/w/memorizable"] < first["gblend/w/clean"]
+    assert history[0]["gblend/w/memorizable"] == pytest.approx(1 / 3)  # uniform before any estimate
+
+
+def test_gblend_paper_estimator_agrees_on_direction():
+    cfg = load_config(None, ["strategy=gblend", "gblend.super_epoch=2", "gblend.estimator=paper",
+                             "gblend.mode=offline", "train.epochs=2", "data.held_out_ratio=0.2", "train.progress=false"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    w = trainer.strategy.weights
+    assert w["clean"] > w["memorizable"] and trainer.strategy.estimates == 1
+
+
+def _dominant_batch():
+    """A model after a few naive epochs on data where 'clean' dominates, and one batch."""
+    cfg = load_config(None, TINY + ["strategy=naive", "train.epochs=3",
+                                    "data.synthetic.modalities.clean.signal=2.0"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
+    return trainer, inputs, targets
+
+
+def _encoder_grad_norms(strategy_name, trainer, inputs, targets, alpha=0.8, noise=0.0):
+    strategy = STRATEGIES.get(strategy_name)(alpha=alpha, noise_scale=noise, modulation_start=1,
+                                             modulation_end=10)
+    strategy.setup(trainer.model, seed=0, total_epochs=10)
+    trainer.model.zero_grad()
+    out = trainer.model(inputs)
+    torch.nn.functional.cross_entropy(out.logits[FUSED], targets).backward()
+    before = {m: torch.norm(torch.stack([p.grad.norm() for p in trainer.model.encoders[m].parameters()])).item()
+              for m in trainer.model.modalities}
+    strategy.after_backward(out, targets, epoch=1, step=0)
+    after = {m: torch.norm(torch.stack([p.grad.norm() for p in trainer.model.encoders[m].parameters()])).item()
+             for m in trainer.model.modalities}
+    return strategy, out, before, after
+
+
+def test_ogm_lowers_the_dominant_encoders_gradient_norm_only():
+    trainer, inputs, targets = _dominant_batch()
+    strategy, out, before, after = _encoder_grad_norms("ogm", trainer, inputs, targets)
+    coeff = ogm_coefficients(strategy.unimodal_logits(out), targets, alpha=0.8)
+    assert coeff["clean"] < 1.0 and coeff["memorizable"] == 1.0
+    assert after["clean"] == pytest.approx(coeff["clean"] * before["clean"], rel=1e-4)
+    assert after["memorizable"] == pytest.approx(before["memorizable"], rel=1e-6)
+    metrics = strategy.epoch_metrics()
+    assert metrics["ogm/coeff/clean"] == pytest.approx(coeff["clean"], rel=1e-5)
+    assert metrics["ogm/rho/clean"] > 1.0
+
+
+def test_ogm_ge_adds_noise_to_both_encoders_reproducibly():
+    trainer, inputs, targets = _dominant_batch()
+    _, _, before, plain = _encoder_grad_norms("ogm", trainer, inputs, targets)
+    _, _, _, noisy1 = _encoder_grad_norms("ogm_ge", trainer, inputs, targets, noise=1.0)
+    grads1 = [p.grad.clone() for p in trainer.model.encoders["memorizable"].parameters()]
+    _, _, _, noisy2 = _encoder_grad_norms("ogm_ge", trainer, inputs, targets, noise=1.0)
+    grads2 = [p.grad.clone() for p in trainer.model.encoders["memorizable"].parameters()]
+    assert noisy1["memorizable"] != pytest.approx(plain["memorizable"], rel=1e-3)  # noise on the weak one too
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))  # same (seed, step) -> same noise
+
+
+def test_ogm_modulates_only_inside_its_epoch_window():
+    trainer, inputs, targets = _dominant_batch()
+    strategy = STRATEGIES.get("ogm")(alpha=0.8, noise_scale=0.0, modulation_start=5, modulation_end=6)
+    strategy.setup(trainer.model, 0, 10)
+    trainer.model.zero_grad()
+    out = trainer.model(inputs)
+    torch.nn.functional.cross_entropy(out.logits[FUSED], targets).backward()
+    before = [p.grad.clone() for p in trainer.model.encoders["clean"].parameters()]
+    strategy.after_backward(out, targets, epoch=1, step=0)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, trainer.model.encoders["clean"].parameters()))
+
+
+def test_ogm_conv_option_leaves_linear_layers_alone():
+    from blendtune.models import LateFusionClassifier, build_encoder, build_fusion
+    enc = {"a": build_encoder("spec_cnn", (1, 8, 8), 8, 4, 0.0), "b": build_encoder("spec_cnn", (1, 8, 8), 8, 4, 0.0)}
+    model = LateFusionClassifier(enc, build_fusion("concat", {"a": 8, "b": 8}, 3), 3)
+    strategy = STRATEGIES.get("ogm")(alpha=0.8, noise_scale=0.0, modulation_start=1, modulation_end=2, params="conv")
+    strategy.setup(model, 0, 2)
+    assert strategy.modulated["a"] and all(p.dim() == 4 for p in strategy.modulated["a"])
+
+
+def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    from blendtune.errors import TrainingDiverged
+    cfg = load_config(None, TINY + ["strategy=naive", "train.epochs=3", "optim.lr=1e30", "optim.momentum=0.0"])
+    trainer = Trainer(cfg, tmp_path)
+    with pytest.raises(TrainingDiverged, match="loss became .* in epoch"):
+        trainer.fit()
