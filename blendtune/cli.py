@@ -21,9 +21,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def train_command(args) -> Path:
     from blendtune.config import load_config, to_yaml
-    from blendtune.loop import Trainer
-    from blendtune.reporting import EpochTable, MetricsFile
-    from blendtune.runs import CHECKPOINT, CONFIG_FILE, METRICS_FILE, create_run_dir, load_run_config
+    from blendtune.runs import CONFIG_FILE, create_run_dir, load_run_config
 
     overrides = list(args.overrides)
     if args.resume:
@@ -39,16 +37,10 @@ def train_command(args) -> Path:
         run_dir = create_run_dir(cfg)
     print(f"run dir: {run_dir}", flush=True)
 
-    trainer = Trainer(cfg, run_dir)
-    resume_epoch = None
-    if args.resume:
-        trainer.load(run_dir / CHECKPOINT)
-        resume_epoch = trainer.epoch
-        print(f"resuming at epoch {trainer.epoch + 1} of {cfg.train.epochs}", flush=True)
-    trainer.callbacks = [MetricsFile(run_dir / METRICS_FILE, resume_epoch), EpochTable(trainer.model.modalities + ["fused"])]
-    final = trainer.fit()
+    from blendtune.launch import train_locally, train_with_ray
+    final = (train_with_ray if cfg.workers > 1 else train_locally)(cfg, run_dir, resume=bool(args.resume))
+    heads = [k.split("/")[-1] for k in final if k.startswith("acc/test/")]
     if final:
-        heads = trainer.model.modalities + ["fused", "ensemble"]
         print("final test accuracy: " + ", ".join(f"{h} {final[f'acc/test/{h}']:.4f}" for h in heads))
     return run_dir
 

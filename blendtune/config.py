@@ -124,11 +124,32 @@ class ModalityDropoutConfig:
 
 
 @dataclass
+class SweepConfig:
+    num_samples: int = 4         # trials drawn from the space (grid entries multiply it)
+    search: str = "optuna"       # optuna (TPE) | random | grid
+    scheduler: str = "asha"      # asha | pbt | none
+    metric: str = "acc/held_out/fused"  # selection never looks at test data
+    mode: str = "max"
+    max_concurrent: int = 0      # 0: as many trials as the cluster's resources allow
+    grace_period: int = 2        # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2    # ASHA
+    perturbation_interval: int = 2  # PBT: epochs between exploit/explore steps
+    cpus_per_worker: float = 1.0
+    storage_path: Optional[str] = None  # where trials and checkpoints live; s3://... or gs://... on a cluster
+    address: Optional[str] = None       # Ray cluster address; unset: $RAY_ADDRESS, else a local Ray
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     strategy: str = "naive"
     output_dir: str = "runs"
+    workers: int = 1             # data-parallel workers (Ray Train, DDP); data.batch_size is the global batch
+    max_failures: int = 2        # a worker that dies is restarted from the last checkpoint this often
+    wandb: bool = True           # log every epoch to Weights & Biases (offline unless WANDB_MODE / a key says)
+    wandb_project: str = "blendtune"
+    wandb_entity: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -137,6 +158,7 @@ class ExperimentConfig:
     ogm: OGMConfig = field(default_factory=OGMConfig)
     unimodal: UnimodalConfig = field(default_factory=UnimodalConfig)
     modality_dropout: ModalityDropoutConfig = field(default_factory=ModalityDropoutConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -170,6 +192,24 @@ def config_from_dict(data: dict) -> ExperimentConfig:
     obj = OmegaConf.to_object(_merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data), "config"))
     validate(obj)
     return obj
+
+
+def with_overrides(config: ExperimentConfig, overrides: dict[str, object]) -> ExperimentConfig:
+    """A copy of `config` with dotted keys set to (typed) values, e.g. a sweep trial's sample."""
+    cfg = OmegaConf.structured(config)
+    for key, value in overrides.items():
+        if OmegaConf.select(cfg, key, throw_on_missing=False, default=_MISSING) is _MISSING:
+            raise UserError(f"'{key}' is not a config key")
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            raise UserError(f"config key '{key}': {_first_line(e)}") from None
+    obj = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+_MISSING = object()
 
 
 def to_yaml(config: ExperimentConfig) -> str:
@@ -231,6 +271,9 @@ _CHOICES = {
     "gblend.mode": ("online", "offline"),
     "gblend.estimator": ("heads", "paper"),
     "ogm.params": ("all", "conv"),
+    "sweep.search": ("optuna", "random", "grid"),
+    "sweep.scheduler": ("asha", "pbt", "none"),
+    "sweep.mode": ("max", "min"),
 }
 
 
@@ -251,7 +294,8 @@ def validate(cfg: ExperimentConfig) -> None:
         if enc.name not in ENCODERS:
             raise UserError(f"config key 'model.encoders.{modality}.name': expected one of "
                             f"{', '.join(ENCODERS.names())}, got {enc.name!r}")
-    positive = ["train.epochs", "data.batch_size", "data.eval_batch_size", "gblend.super_epoch",
+    positive = ["workers", "sweep.num_samples", "sweep.grace_period", "sweep.perturbation_interval",
+                "sweep.reduction_factor", "train.epochs", "data.batch_size", "data.eval_batch_size", "gblend.super_epoch",
                 "train.checkpoint_every", "optim.step_size"]
     for key in positive:
         if flat[key] <= 0:

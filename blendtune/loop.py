@@ -71,10 +71,10 @@ class ShardSampler(Sampler):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"config key 'train.device': {name!r} requested, but CUDA is not available")
+    if name in ("auto", "cuda"):  # the current device: Ray Train / torchrun select one per worker
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
 
 
@@ -113,6 +113,14 @@ def build_scheduler(cfg: ExperimentConfig, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
+def per_worker_batch_size(global_batch: int, workers: int) -> int:
+    """`data.batch_size` is the global batch: each of N workers takes B / N per step."""
+    if global_batch % workers:
+        raise UserError(f"config key 'data.batch_size': the global batch {global_batch} must be divisible by "
+                        f"the {workers} workers")
+    return global_batch // workers
+
+
 def build_strategy(cfg: ExperimentConfig) -> BalancingStrategy:
     cls = STRATEGIES.get(cfg.strategy)
     options = asdict(getattr(cfg, cls.config_section)) if cls.config_section else {}
@@ -134,15 +142,20 @@ class Trainer:
         self.splits = build_splits(cfg.data.dataset, {**data_args, "root": cfg.data.root}, cfg.data.held_out_ratio,
                                    cfg.data.held_out_by_group, cfg.data.train_eval_size, cfg.seed)
         self.model = build_model(cfg, self.splits.train).to(self.device)
-        self.train_model = self.model  # the module steps run through (DDP-wrapped under Ray Train)
+        self.strategy = build_strategy(cfg)
+        self.strategy.setup(self.model, cfg.seed, cfg.train.epochs)
+        self.train_model = self.model  # the module steps run through: DDP-wrapped with several workers
+        if distributed.is_distributed():
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=not self.strategy.trains_all_parameters)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.strategy = build_strategy(cfg)
-        self.strategy.setup(self.model, cfg.seed, cfg.train.epochs)
+        self.batch_size = per_worker_batch_size(cfg.data.batch_size, distributed.world_size())
         self.train_sampler = DistributedSampler(self.splits.train, num_replicas=distributed.world_size(),
                                                 rank=distributed.rank(), shuffle=True, seed=cfg.seed)
-        self.train_loader = self._loader(self.splits.train, cfg.data.batch_size, self.train_sampler)
+        self.train_loader = self._loader(self.splits.train, self.batch_size, self.train_sampler)
         self.epoch = 0
         self.step = 0
         self.last_losses: dict | None = None
@@ -227,7 +240,7 @@ class Trainer:
         optimizer = build_optimizer(self.cfg, model.parameters(), lr=self.optimizer.param_groups[0]["lr"])
         sampler = DistributedSampler(self.splits.train, num_replicas=distributed.world_size(),
                                      rank=distributed.rank(), shuffle=True, seed=self.cfg.seed + 7919)
-        loader = self._loader(self.splits.train, self.cfg.data.batch_size, sampler)
+        loader = self._loader(self.splits.train, self.batch_size, sampler)
         model.train()
         for e in range(epochs):
             sampler.set_epoch(self.epoch * 1000 + e)

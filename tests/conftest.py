@@ -23,7 +23,7 @@ needs_data = pytest.mark.skipif(not has_shared_data(), reason="shared FSDD/MNIST
 # A tiny synthetic setting every fast test builds on: seconds per run on 2 CPU cores.
 TINY = ["data.dataset=synthetic", "data.synthetic.num_train=200", "data.synthetic.num_test=100",
         "data.held_out_ratio=0.2", "data.batch_size=32", "train.epochs=2", "train.progress=false",
-        "data.synthetic.modalities.memorizable.memorize_dims=64"]
+        "data.synthetic.modalities.memorizable.memorize_dims=64", "wandb=false"]
 
 
 @pytest.fixture

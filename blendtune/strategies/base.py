@@ -43,6 +43,7 @@ def probe_loss(out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
 class BalancingStrategy:
     config_section: str | None = None   # which config section holds this strategy's options
     detach_unimodal_heads: bool = True  # uni-modal heads as probes unless the strategy trains through them
+    trains_all_parameters: bool = True  # False: DDP must look for parameters without gradients
 
     def setup(self, model: LateFusionClassifier, seed: int, total_epochs: int) -> None:
         self.model = model

@@ -11,6 +11,7 @@ from blendtune.strategies.base import STRATEGIES, BalancingStrategy
 class Unimodal(BalancingStrategy):
     config_section = "unimodal"
     detach_unimodal_heads = False
+    trains_all_parameters = False  # the other encoders and the fused head get no gradient
 
     def __init__(self, modality: str):
         self.modality = modality
