@@ -1,4 +1,14 @@
-"""`blendtune train EXPERIMENT.yaml [key=value ...]` and `blendtune train --resume RUN_DIR`."""
+"""blendtune command line.
+
+    blendtune train   EXPERIMENT.yaml [key=value ...]          one run (workers=N: Ray Train DDP)
+    blendtune train   --resume RUN_DIR [key=value ...]
+    blendtune sweep   EXPERIMENT.yaml --space SPACE.yaml [key=value ...]   Ray Tune
+    blendtune sweep   --resume RUN_DIR
+    blendtune compare EXPERIMENT.yaml --strategies naive,gblend,ogm_ge,unimodal:audio --seeds 3 [key=value ...]
+    blendtune report  RUN_DIR
+
+sweep, compare and report print their run directory as the last line of stdout.
+"""
 from __future__ import annotations
 
 import argparse
@@ -16,17 +26,117 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("experiment", nargs="?", help="experiment YAML (see experiments/)")
     train.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. optim.lr=0.01)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep over a search space")
+    sweep.add_argument("experiment", nargs="?", help="experiment YAML")
+    sweep.add_argument("overrides", nargs="*", help="config overrides, key=value (sweep.num_samples=8, ...)")
+    sweep.add_argument("--space", help="search space YAML (see search_spaces/)")
+    sweep.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted sweep")
+
+    compare = sub.add_parser("compare", help="strategies x seeds as one sweep, then a report")
+    compare.add_argument("experiment", nargs="?", help="experiment YAML")
+    compare.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    compare.add_argument("--strategies", default="naive,gblend,ogm_ge",
+                         help="comma-separated; unimodal:MODALITY for one modality alone")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per strategy")
+    compare.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted comparison")
+
+    report = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a sweep")
+    report.add_argument("run_dir")
     return parser
+
+
+def _split_resume(args) -> list[str]:
+    overrides = list(args.overrides)
+    if args.resume and args.experiment:  # `--resume DIR key=value`: argparse reads the first override as experiment
+        overrides.insert(0, args.experiment)
+    return overrides
+
+
+def strategy_variants(text: str) -> list[dict]:
+    from blendtune.strategies import STRATEGIES
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, modality = item.partition(":")
+        if name not in STRATEGIES:
+            raise UserError(f"--strategies: unknown strategy {name!r}; expected {', '.join(STRATEGIES.names())}")
+        if name == "unimodal" and not modality:
+            raise UserError("--strategies: write unimodal:MODALITY, e.g. unimodal:audio")
+        variants.append({"strategy": name, **({"unimodal.modality": modality} if modality else {})})
+    if not variants:
+        raise UserError("--strategies: give at least one strategy")
+    return variants
+
+
+def sweep_command(args) -> Path:
+    from blendtune.config import load_config
+    from blendtune.search_space import load_search_space
+    from blendtune.sweep import create_sweep_dir, load_sweep, run_sweep
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg, space, variants = load_sweep(run_dir)
+    else:
+        if not args.experiment or not args.space:
+            raise UserError("blendtune sweep: give an experiment YAML and --space SPACE.yaml")
+        cfg = load_config(args.experiment, args.overrides)
+        space = load_search_space(args.space)
+        variants = None
+        run_dir = create_sweep_dir(cfg, space, variants)
+    print(f"sweep dir: {run_dir}", flush=True)
+    results = run_sweep(cfg, space, run_dir, variants, resume=bool(args.resume))
+    _summarise(results, cfg)
+    return run_dir
+
+
+def compare_command(args) -> Path:
+    from blendtune.config import load_config, with_overrides
+    from blendtune.report import write_report
+    from blendtune.search_space import Distribution
+    from blendtune.sweep import create_sweep_dir, load_sweep, run_sweep
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg, space, variants = load_sweep(run_dir)
+    else:
+        if not args.experiment:
+            raise UserError("blendtune compare: give an experiment YAML")
+        if args.seeds < 1:
+            raise UserError("--seeds: expected at least 1")
+        variants = strategy_variants(args.strategies)
+        cfg = load_config(args.experiment, args.overrides)
+        cfg = with_overrides(cfg, {"sweep.search": "grid", "sweep.scheduler": "none", "sweep.num_samples": 1})
+        for variant in variants:  # fail before starting Ray, not inside a trial
+            with_overrides(cfg, variant)
+        space = {"seed": Distribution("grid", tuple(range(args.seeds)))}
+        run_dir = create_sweep_dir(cfg, space, variants, kind="compare")
+    print(f"compare dir: {run_dir}", flush=True)
+    results = run_sweep(cfg, space, run_dir, variants, resume=bool(args.resume))
+    _summarise(results, cfg)
+    report = write_report(run_dir)
+    print(report.read_text())
+    return run_dir
+
+
+def _summarise(results, cfg) -> None:
+    errors = [r for r in results if r.error]
+    if errors:
+        first = str(errors[0].error).strip().splitlines()[-1]
+        raise UserError(f"{len(errors)} of {len(results)} trials failed (first: {first}); "
+                        f"fix the cause and resume with --resume")
+    try:
+        best = results.get_best_result(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scope="all")
+        print(f"best {cfg.sweep.metric}: {best.metrics.get(cfg.sweep.metric)} with {best.config}")
+    except Exception:  # e.g. metric absent in every trial
+        pass
 
 
 def train_command(args) -> Path:
     from blendtune.config import load_config, to_yaml
     from blendtune.runs import CONFIG_FILE, create_run_dir, load_run_config
 
-    overrides = list(args.overrides)
+    overrides = _split_resume(args)
     if args.resume:
-        if args.experiment:  # `train --resume DIR key=value`: argparse reads the first override as experiment
-            overrides.insert(0, args.experiment)
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir, overrides)
         (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
@@ -46,11 +156,26 @@ def train_command(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after --options; argparse leaves those in `extra`
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         if args.command == "train":
             run_dir = train_command(args)
-            print(run_dir)
+        elif args.command == "sweep":
+            run_dir = sweep_command(args)
+        elif args.command == "compare":
+            run_dir = compare_command(args)
+        else:
+            from blendtune.report import write_report
+            run_dir = Path(args.run_dir)
+            print(write_report(run_dir).read_text())
+        print(run_dir)
         return 0
     except UserError as e:
         print(f"blendtune: error: {e}", file=sys.stderr)

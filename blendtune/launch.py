@@ -58,16 +58,15 @@ def train_locally(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> dict:
 
 
 # ---- Ray Train ----------------------------------------------------------------------------------
-def save_ray_checkpoint(trainer: Trainer, report: Callable[..., None], metrics: dict) -> None:
-    """Report metrics from every rank (Ray needs all of them) and a checkpoint from rank 0."""
-    from ray.train import Checkpoint
-
+def save_ray_checkpoint(trainer: Trainer, report: Callable[..., None], metrics: dict, checkpoint_cls) -> None:
+    """Report metrics from every rank (Ray needs all of them) and a checkpoint from rank 0.
+    `checkpoint_cls` is ray.train.Checkpoint in Train workers, ray.tune.Checkpoint in Tune trials."""
     if distributed.rank() != 0:
         report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(trainer.state_dict(), Path(tmp) / CHECKPOINT_NAME)
-        report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        report(metrics, checkpoint=checkpoint_cls.from_directory(tmp))
 
 
 def load_ray_checkpoint(trainer: Trainer, checkpoint) -> None:
@@ -96,7 +95,7 @@ def train_worker(config: dict) -> None:
                                 table=config.get("table", False))
     report = lambda metrics, checkpoint=None: ray.train.report(  # noqa: E731
         {**metrics, "placement_group": pg}, checkpoint=checkpoint)
-    trainer.callbacks = loggers + [lambda metrics: save_ray_checkpoint(trainer, report, metrics)]
+    trainer.callbacks = loggers + [lambda metrics: save_ray_checkpoint(trainer, report, metrics, ray.train.Checkpoint)]
     try:
         trainer.fit()
     finally:
@@ -127,26 +126,33 @@ def torch_trainer(cfg: ExperimentConfig, loop_config: dict, name: str, storage_p
     )
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
+    """Connects to `address` ($RAY_ADDRESS) or starts a local Ray; False if Ray was already up."""
     import ray
     if ray.is_initialized():
-        return
+        return False
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"num_cpus": num_cpus} if address == "local" and num_cpus else {}
-    ray.init(address=address, include_dashboard=False, log_to_driver=True,
+    ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver,
              runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}}, **kwargs)
+    return True
 
 
 def train_with_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> dict:
     """`blendtune train workers=N`: one Ray Train run (DDP) whose rank 0 writes the run directory."""
-    init_ray(cfg.sweep.address, num_cpus=max(os.cpu_count() or 1, int(cfg.workers * cfg.sweep.cpus_per_worker)))
+    import ray
+    started = init_ray(cfg.sweep.address, num_cpus=max(os.cpu_count() or 1, int(cfg.workers * cfg.sweep.cpus_per_worker)))
     loop_config = {"log_dir": str(run_dir.resolve()), "local_checkpoints": True, "run_id": run_dir.name,
                    "run_name": run_dir.name, "table": True}
     if resume and (run_dir / CHECKPOINT).is_file():
         loop_config["resume_from"] = str((run_dir / CHECKPOINT).resolve())
-    result = torch_trainer(cfg, loop_config, name="ray_train", storage_path=str(run_dir.resolve())).fit()
+    try:
+        result = torch_trainer(cfg, loop_config, name="ray_train", storage_path=str(run_dir.resolve())).fit()
+    finally:
+        if started:
+            ray.shutdown()
     if result.error:
         raise result.error
     return dict(result.metrics or {})

@@ -318,6 +318,15 @@ class Trainer:
         self.epoch, self.step, self.last_losses = state["epoch"], state["step"], state["last_losses"]
         set_rng_state(state["rng"])
 
+    def apply_config_lr(self) -> None:
+        """After loading a checkpoint under a changed config (a PBT explore step), the config's
+        learning rate wins over the checkpoint's, keeping the schedule's progress."""
+        factor = self.optimizer.param_groups[0]["lr"] / self.scheduler.base_lrs[0]
+        self.scheduler.base_lrs = [self.cfg.optim.lr for _ in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.optim.lr
+            group["lr"] = self.cfg.optim.lr * factor
+
     def save(self, path: Path) -> None:
         if distributed.rank() == 0:
             save_checkpoint(path, self.state_dict())

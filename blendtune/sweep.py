@@ -1,0 +1,235 @@
+"""Ray Tune sweeps: a search space over config keys, Optuna/random/grid search, ASHA/PBT, resume.
+
+A 1-worker trial runs the training loop directly inside its Tune trial (no Train controller: seconds
+cheaper per trial, and Tune gets a checkpoint every epoch, which PBT exploits). A multi-worker trial
+fits a Ray Train `TorchTrainer` (DDP) named after the trial, so a restored sweep resumes it from its
+own latest checkpoint; when Tune stops such a trial early its worker placement group is removed
+(ray issue 54305: otherwise the next trial's workers wait forever).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blendtune.config import ExperimentConfig, config_from_dict, to_dict, to_yaml, with_overrides
+from blendtune.errors import UserError
+from blendtune.launch import (close_loggers, epoch_loggers, init_ray, load_ray_checkpoint, save_ray_checkpoint,
+                              torch_trainer)
+from blendtune.loop import Trainer
+from blendtune.runs import CONFIG_FILE
+from blendtune.search_space import Distribution, validate_space
+
+EXPERIMENT = "tune"          # the Tune experiment's folder inside the sweep's storage path
+SWEEP_FILE = "sweep.json"    # what a resume needs besides config.yaml: the space and the storage path
+VARIANT = "variant"          # a grid entry that sets several keys at once (compare: strategy + options)
+
+
+def tune_domain(dist: Distribution):
+    from ray import tune
+    if dist.kind == "grid":
+        return tune.grid_search(list(dist.args))
+    if dist.kind == "choice":
+        return tune.choice(list(dist.args))
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[dist.kind](*dist.args)
+
+
+def param_space(space: dict[str, Distribution], variants: list[dict] | None = None) -> dict:
+    from ray import tune
+    params = {key: tune_domain(dist) for key, dist in space.items()}
+    if variants:
+        params[VARIANT] = tune.grid_search(variants)
+    return params
+
+
+def model_checksum(model: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def trial_overrides(sample: dict) -> dict:
+    sample = dict(sample)
+    return {**sample.pop(VARIANT, {}), **sample}
+
+
+def run_trial(sample: dict, base: dict, sweep_name: str, train_storage: str) -> None:
+    """The Tune trainable: one configuration of the space, trained to `train.epochs`."""
+    from ray import tune
+
+    cfg = with_overrides(config_from_dict(base), trial_overrides(sample))
+    context = tune.get_context()
+    trial_dir, trial_id, trial_name = Path(context.get_trial_dir()), context.get_trial_id(), context.get_trial_name()
+    if cfg.workers > 1:
+        return _run_trial_on_train_workers(cfg, trial_dir, trial_id, trial_name, sweep_name, train_storage)
+
+    trainer = Trainer(cfg)
+    checkpoint = tune.get_checkpoint()
+    restored = {}
+    if checkpoint is not None:  # a resumed sweep, a retried trial, or a PBT exploit of another trial's weights
+        load_ray_checkpoint(trainer, checkpoint)
+        trainer.apply_config_lr()
+        restored = {"restored/epoch": trainer.epoch, "restored/checksum": model_checksum(trainer.model)}
+    loggers = epoch_loggers(cfg, trial_dir, trainer.epoch if checkpoint is not None else None,
+                            trainer.model.head_names, run_id=f"{sweep_name}-{trial_id}", run_name=trial_name,
+                            group=sweep_name, table=False)
+
+    def report(metrics: dict, checkpoint=None) -> None:
+        tune.report({**metrics, **restored, "model/checksum": model_checksum(trainer.model)}, checkpoint=checkpoint)
+        restored.clear()
+
+    trainer.callbacks = loggers + [lambda m: save_ray_checkpoint(trainer, report, m, tune.Checkpoint)]
+    try:
+        trainer.fit()
+    finally:
+        close_loggers(loggers)
+
+
+def _run_trial_on_train_workers(cfg, trial_dir, trial_id, trial_name, sweep_name, train_storage) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    loop_config = {"log_dir": str(trial_dir), "run_id": f"{sweep_name}-{trial_id}", "run_name": trial_name,
+                   "group": sweep_name}
+    result = torch_trainer(cfg, loop_config, name=f"train_{trial_id}", storage_path=train_storage,
+                           callbacks=[TuneReportCallback()]).fit()
+    if result.error:
+        raise result.error
+
+
+def _release_train_workers_callback():
+    from ray import tune
+
+    class ReleaseTrainWorkers(tune.Callback):
+        """Frees a stopped multi-worker trial's Train placement group (ray issue 54305)."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        @staticmethod
+        def _release(trial) -> None:
+            import ray
+            from ray._raylet import PlacementGroupID
+            from ray.util.placement_group import PlacementGroup
+
+            pg = (trial.last_result or {}).get("placement_group")
+            if pg:
+                try:
+                    ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+                except Exception:  # already removed by Train itself: nothing to free
+                    pass
+
+    return ReleaseTrainWorkers()
+
+
+def _search_and_scheduler(cfg: ExperimentConfig, space: dict[str, Distribution]):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = cfg.sweep
+    has_grid = any(d.kind == "grid" for d in space.values())
+    search = None
+    if s.search == "optuna" and s.scheduler != "pbt":
+        if has_grid:
+            raise UserError("config key 'sweep.search': optuna cannot sample 'grid' entries; use sweep.search=grid "
+                            "or 'choice' in the space")
+        from ray.tune.search.optuna import OptunaSearch
+        search = OptunaSearch(seed=cfg.seed)
+    if s.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.grace_period,
+                                  reduction_factor=s.reduction_factor)
+    elif s.scheduler == "pbt":
+        if cfg.workers > 1:
+            raise UserError("sweep.scheduler=pbt needs 1-worker trials (workers=1): PBT exploits Tune checkpoints, "
+                            "which multi-worker Train trials do not hand to Tune")
+        mutations = {k: tune_domain(d) for k, d in space.items() if d.kind != "grid"}
+        if not mutations:
+            raise UserError("sweep.scheduler=pbt needs at least one non-grid key in the space to perturb")
+        scheduler = PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
+                                            hyperparam_mutations=mutations, seed=cfg.seed)
+    else:
+        scheduler = FIFOScheduler()
+    return search, scheduler
+
+
+def _trainable(cfg: ExperimentConfig, sweep_name: str, storage: str):
+    from ray import tune
+
+    use_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
+    trainable = tune.with_parameters(run_trial, base=to_dict(cfg), sweep_name=sweep_name,
+                                     train_storage=f"{storage.rstrip('/')}/train_runs")
+    if cfg.workers > 1:  # the trial only drives its TorchTrainer; the workers hold the resources
+        return tune.with_resources(trainable, {"cpu": 0.01})
+    return tune.with_resources(trainable, {"cpu": cfg.sweep.cpus_per_worker, "gpu": 1 if use_gpu else 0})
+
+
+def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], variants: list[dict] | None,
+                     kind: str = "sweep") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.output_dir) / f"{cfg.name}-{kind}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    storage = cfg.sweep.storage_path or str(run_dir.resolve())
+    (run_dir / SWEEP_FILE).write_text(json.dumps({
+        "space": {k: {d.kind: list(d.args)} for k, d in space.items()}, "variants": variants,
+        "storage_path": storage}, indent=1))
+    return run_dir
+
+
+def run_sweep(cfg: ExperimentConfig, space: dict[str, Distribution], run_dir: Path,
+              variants: list[dict] | None = None, resume: bool = False):
+    """Run (or resume) the Tune experiment of `run_dir`; returns Tune's ResultGrid."""
+    import ray
+    from ray import tune
+
+    validate_space(space, cfg)
+    if cfg.sweep.metric.split("/")[1:2] == ["held_out"] and cfg.data.held_out_ratio <= 0 and "data.held_out_ratio" not in space:
+        raise UserError(f"config key 'sweep.metric': {cfg.sweep.metric!r} needs a held-out split (data.held_out_ratio > 0)")
+    storage = json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"]
+    started = init_ray(cfg.sweep.address, log_to_driver=False)  # trials log to files, W&B and Tune's table
+    try:
+        return _fit(cfg, space, run_dir, variants, resume, storage)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _fit(cfg, space, run_dir, variants, resume, storage):
+    from ray import tune
+
+    trainable = _trainable(cfg, run_dir.name, storage)
+    params = param_space(space, variants)
+    experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
+    if resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise UserError(f"nothing to resume in '{run_dir}': no Tune experiment at {experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=params)
+    else:
+        search, scheduler = _search_and_scheduler(cfg, space)
+        s = cfg.sweep
+        tuner = tune.Tuner(
+            trainable, param_space=params,
+            tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=scheduler,
+                                        num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent or None,
+                                        reuse_actors=cfg.workers == 1),  # no re-import of torch per trial
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
+                                      callbacks=[_release_train_workers_callback()],
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      verbose=1))
+    return tuner.fit()
+
+
+def load_sweep(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Distribution], list[dict] | None]:
+    from blendtune.config import load_config
+    from blendtune.search_space import parse_space
+
+    if not (run_dir / SWEEP_FILE).is_file():
+        raise UserError(f"'{run_dir}' is not a blendtune sweep directory (no {SWEEP_FILE})")
+    saved = json.loads((run_dir / SWEEP_FILE).read_text())
+    return load_config(run_dir / CONFIG_FILE), parse_space(saved["space"], str(run_dir / SWEEP_FILE)), saved["variants"]

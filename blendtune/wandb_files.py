@@ -1,0 +1,50 @@
+"""Reads the history of an offline W&B run (`wandb/offline-run-*/run-*.wandb`) without uploading it.
+
+The file is W&B's record log: a 7-byte header, then LevelDB-style 32 KiB blocks of chunks (7-byte
+chunk header: crc32c, length, type FULL/FIRST/MIDDLE/LAST) holding protobuf `Record`s.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32 * 1024
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def _records(data: bytes):
+    pos, pending = 7, b""  # skip the ":W&B" + magic + version header
+    while pos + 7 <= len(data):
+        left_in_block = BLOCK - (pos % BLOCK)
+        if left_in_block < 7:  # trailer padding
+            pos += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == FULL:
+            yield chunk
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            yield pending + chunk
+            pending = b""
+        elif length == 0:
+            pos += left_in_block - 7  # zero padding to the block end
+
+
+def read_history(run_file: str | Path) -> list[dict]:
+    """One dict per `wandb.log` call, with `_step`."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for raw in _records(Path(run_file).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows

@@ -1,0 +1,117 @@
+"""Ray Tune sweeps and Ray Train workers on a local Ray: schedulers, PBT exploits, resume, failures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blendtune.config import load_config
+from blendtune.report import load_trials
+from blendtune.reporting import read_metrics
+from blendtune.search_space import parse_space
+from blendtune.sweep import create_sweep_dir, run_sweep
+from blendtune.wandb_files import read_history
+from conftest import REPO, TINY
+
+SMALL = TINY + ["data.synthetic.num_train=150", "data.synthetic.num_test=60"]
+
+
+def sweep(tmp_path, overrides, space, variants=None):
+    cfg = load_config(None, SMALL + [f"output_dir={tmp_path}"] + overrides)
+    space = parse_space(space, "test")
+    run_dir = create_sweep_dir(cfg, space, variants)
+    return run_dir, run_sweep(cfg, space, run_dir, variants)
+
+
+def result_rows(trial_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+
+
+def blendtune(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "blendtune.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, **kwargs)
+
+
+def test_asha_with_optuna_stops_trials_early_and_the_sweep_finishes(tmp_path):
+    # lr spans 4 decades: the slow learners fall behind and ASHA stops them after the grace period.
+    run_dir, results = sweep(tmp_path, ["train.epochs=4", "sweep.num_samples=6", "sweep.grace_period=1",
+                                        "sweep.reduction_factor=2", "sweep.search=optuna", "sweep.scheduler=asha"],
+                             {"optim.lr": {"loguniform": [1e-4, 1.0]}})
+    assert not [r for r in results if r.error]
+    epochs = sorted(len(t["history"]) for t in load_trials(run_dir))
+    assert len(epochs) == 6
+    assert epochs[0] < 4 and epochs[-1] == 4, epochs  # some stopped early, the best ran to the end
+
+
+def test_asha_with_multi_worker_train_trials_releases_their_workers(tmp_path):
+    # Each trial is a 2-worker DDP TorchTrainer. Without freeing a stopped trial's placement group the
+    # next trial's workers would wait forever (ray issue 54305); the sweep must finish.
+    run_dir, results = sweep(tmp_path, ["workers=2", "sweep.cpus_per_worker=0.5", "train.epochs=3",
+                                        "sweep.num_samples=3", "sweep.grace_period=1", "sweep.reduction_factor=3",
+                                        "sweep.search=random", "sweep.max_concurrent=2"],
+                             {"optim.lr": {"choice": [1e-4, 0.5]}})
+    assert not [r for r in results if r.error]
+    trials = load_trials(run_dir)
+    assert len(trials) == 3 and all(t["history"] for t in trials)
+    assert min(len(t["history"]) for t in trials) < 3  # ASHA stopped at least one
+
+
+def test_pbt_exploit_restores_the_donor_trials_weights(tmp_path):
+    run_dir, results = sweep(tmp_path, ["train.epochs=4", "sweep.num_samples=4", "sweep.scheduler=pbt",
+                                        "sweep.search=random", "sweep.perturbation_interval=1"],
+                             {"optim.lr": {"loguniform": [1e-4, 0.3]}})
+    assert not [r for r in results if r.error]
+    rows = {d.name: result_rows(d) for d in (run_dir / "tune").iterdir() if (d / "result.json").is_file()}
+    reported = {(row["epoch"], round(row["model/checksum"], 6)): name for name, rs in rows.items() for row in rs}
+    exploits = [(name, row) for name, rs in rows.items() for row in rs if "restored/checksum" in row]
+    from_others = [(name, row) for name, row in exploits
+                   if reported.get((row["restored/epoch"], round(row["restored/checksum"], 6)), name) != name]
+    assert from_others, "no trial continued from another trial's checkpoint"
+    name, row = from_others[0]
+    assert row["epoch"] == row["restored/epoch"] + 1  # it continued training from the donor's epoch
+
+
+def test_wandb_offline_run_has_ogr_and_blend_weight_series(tmp_path):
+    run_dir, results = sweep(tmp_path, ["wandb=true", "strategy=gblend", "gblend.super_epoch=1",
+                                        "train.epochs=3", "sweep.num_samples=1", "sweep.scheduler=none",
+                                        "sweep.search=random"], {"optim.lr": {"choice": [0.01]}})
+    files = list((run_dir / "tune").glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history = read_history(files[0])
+    assert [row["_step"] for row in history] == [1, 2, 3]  # epoch is the step
+    for head in ("clean", "memorizable", "fused"):
+        assert all(f"gblend/w/{head}" in row and f"ogr/{head}" in row for row in history)
+    assert history[-1]["gblend/w/memorizable"] < history[0]["gblend/w/memorizable"] + 1e-9
+
+
+def test_compare_writes_table_csv_plots_and_report_rebuilds(tmp_path):
+    proc = blendtune("compare", "experiments/synthetic_gblend.yaml", "--strategies", "naive,gblend,unimodal:clean",
+                     "--seeds", "2", *SMALL, "train.epochs=2", "gblend.warmup=0", "gblend.super_epoch=1",
+                     f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    rows = (run_dir / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("trial,strategy,seed,epochs,final_acc_clean") and len(rows) == 1 + 6
+    report = (run_dir / "report.md").read_text()
+    for label in ("| naive | 2 |", "| gblend | 2 |", "| unimodal:clean | 2 |"):
+        assert label in report
+    for png in ("blend_weights.png", "ogr.png", "losses.png"):
+        assert (run_dir / png).stat().st_size > 1000 and f"]({png})" in report
+    (run_dir / "report.md").unlink()
+    again = blendtune("report", str(run_dir))
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(run_dir)
+    assert (run_dir / "report.md").read_text() == report
+
+
+def test_cluster_yaml_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    validate_config(config)
+    assert config["available_node_types"]["gpu_worker"]["max_workers"] >= 1
+    assert any("blendtune" in c for c in config["setup_commands"])
+    assert any("ray[tune,train]==2.60.0" in c for c in config["setup_commands"])
