@@ -20,7 +20,9 @@ from blendtune.runs import CHECKPOINT, METRICS_FILE
 
 CHECKPOINT_NAME = "last.pt"
 # Ray Train's controller polls workers every 2 s by default: that adds seconds to every short trial.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "0", "TUNE_GLOBAL_CHECKPOINT_S": "0",
+# A worker group that times out waiting for resources leaks its placement group request, so Train
+# waits for resources instead (Tune already limits how many trials run at once).
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600", "RAY_DEDUP_LOGS": "0", "TUNE_GLOBAL_CHECKPOINT_S": "0",
            "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
@@ -109,7 +111,8 @@ def _placement_group_id() -> str:
     return pg or ""
 
 
-def torch_trainer(cfg: ExperimentConfig, loop_config: dict, name: str, storage_path: str, callbacks=()):
+def torch_trainer(cfg: ExperimentConfig, loop_config: dict, name: str, storage_path: str, callbacks=(),
+                  max_failures: int | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -121,7 +124,8 @@ def torch_trainer(cfg: ExperimentConfig, loop_config: dict, name: str, storage_p
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.sweep.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=3),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures if max_failures is None else max_failures,
+                                                           controller_failure_limit=3),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
 

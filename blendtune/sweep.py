@@ -76,8 +76,12 @@ def run_trial(sample: dict, base: dict, sweep_name: str, train_storage: str) -> 
                             trainer.model.head_names, run_id=f"{sweep_name}-{trial_id}", run_name=trial_name,
                             group=sweep_name, table=False)
 
+    import ray
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict, checkpoint=None) -> None:
-        tune.report({**metrics, **restored, "model/checksum": model_checksum(trainer.model)}, checkpoint=checkpoint)
+        tune.report({**metrics, **restored, "model/checksum": model_checksum(trainer.model), "node_id": node_id},
+                    checkpoint=checkpoint)
         restored.clear()
 
     trainer.callbacks = loggers + [lambda m: save_ray_checkpoint(trainer, report, m, tune.Checkpoint)]
@@ -92,8 +96,11 @@ def _run_trial_on_train_workers(cfg, trial_dir, trial_id, trial_name, sweep_name
 
     loop_config = {"log_dir": str(trial_dir), "run_id": f"{sweep_name}-{trial_id}", "run_name": trial_name,
                    "group": sweep_name}
+    # Retries belong to Tune here (its FailureConfig reruns the trial, which resumes the Train run from
+    # its latest checkpoint): a Train-level retry would rebuild the worker group of a trial that Tune
+    # has just stopped, in a new placement group nobody frees.
     result = torch_trainer(cfg, loop_config, name=f"train_{trial_id}", storage_path=train_storage,
-                           callbacks=[TuneReportCallback()]).fit()
+                           callbacks=[TuneReportCallback()], max_failures=0).fit()
     if result.error:
         raise result.error
 
@@ -163,8 +170,18 @@ def _trainable(cfg: ExperimentConfig, sweep_name: str, storage: str):
     trainable = tune.with_parameters(run_trial, base=to_dict(cfg), sweep_name=sweep_name,
                                      train_storage=f"{storage.rstrip('/')}/train_runs")
     if cfg.workers > 1:  # the trial only drives its TorchTrainer; the workers hold the resources
-        return tune.with_resources(trainable, {"cpu": 0.01})
+        return tune.with_resources(trainable, {"cpu": 0.001})
     return tune.with_resources(trainable, {"cpu": cfg.sweep.cpus_per_worker, "gpu": 1 if use_gpu else 0})
+
+
+def _trials_that_fit(cfg: ExperimentConfig) -> int | None:
+    """Multi-worker trials hold no Tune resources of their own, so Tune cannot see that a second one
+    would only wait for workers: run as many as the cluster's CPUs hold now (None: Tune decides)."""
+    import ray
+    if cfg.workers == 1:
+        return None
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, int(cpus * 0.99 // (cfg.workers * cfg.sweep.cpus_per_worker)))  # 0.99: the trials' own 0.001 CPU
 
 
 def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], variants: list[dict] | None,
@@ -212,10 +229,11 @@ def _fit(cfg, space, run_dir, variants, resume, storage):
     else:
         search, scheduler = _search_and_scheduler(cfg, space)
         s = cfg.sweep
+        max_concurrent = s.max_concurrent or _trials_that_fit(cfg)
         tuner = tune.Tuner(
             trainable, param_space=params,
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=scheduler,
-                                        num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent or None,
+                                        num_samples=s.num_samples, max_concurrent_trials=max_concurrent,
                                         reuse_actors=cfg.workers == 1),  # no re-import of torch per trial
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
                                       callbacks=[_release_train_workers_callback()],

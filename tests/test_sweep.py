@@ -52,9 +52,9 @@ def test_asha_with_multi_worker_train_trials_releases_their_workers(tmp_path):
     # Each trial is a 2-worker DDP TorchTrainer. Without freeing a stopped trial's placement group the
     # next trial's workers would wait forever (ray issue 54305); the sweep must finish.
     run_dir, results = sweep(tmp_path, ["workers=2", "sweep.cpus_per_worker=0.5", "train.epochs=3",
-                                        "sweep.num_samples=3", "sweep.grace_period=1", "sweep.reduction_factor=3",
-                                        "sweep.search=random", "sweep.max_concurrent=2"],
-                             {"optim.lr": {"choice": [1e-4, 0.5]}})
+                                        "sweep.num_samples=1", "sweep.grace_period=1", "sweep.reduction_factor=3",
+                                        "sweep.search=grid"],
+                             {"optim.lr": {"grid": [0.5, 1e-4, 2e-4]}})  # a good trial first, then two it beats
     assert not [r for r in results if r.error]
     trials = load_trials(run_dir)
     assert len(trials) == 3 and all(t["history"] for t in trials)
@@ -115,3 +115,88 @@ def test_cluster_yaml_passes_rays_validation():
     assert config["available_node_types"]["gpu_worker"]["max_workers"] >= 1
     assert any("blendtune" in c for c in config["setup_commands"])
     assert any("ray[tune,train]==2.60.0" in c for c in config["setup_commands"])
+
+
+def _wait_for(predicate, timeout=300, every=0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+def test_sweep_resumes_after_the_driver_is_killed_without_losing_or_redoing_trials(tmp_path):
+    args = ["sweep", "experiments/synthetic_naive.yaml", "--space", "search_spaces/balancing_knobs.yaml", *SMALL,
+            "train.epochs=6", "sweep.num_samples=2", "sweep.scheduler=none", "sweep.search=random",
+            f"output_dir={tmp_path}"]
+    driver = subprocess.Popen([sys.executable, "-m", "blendtune.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        run_dir = Path(driver.stdout.readline().split("sweep dir: ")[1].strip())
+        # kill mid-trial: once a trial has checkpointed an epoch, before any trial is done
+        assert _wait_for(lambda: any(len(result_rows(p.parent)) >= 2 for p in (run_dir / "tune").glob("*/result.json")))
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+    finally:
+        driver.wait()
+    before = {p.parent.name: [r["epoch"] for r in result_rows(p.parent)] for p in (run_dir / "tune").glob("*/result.json")}
+    assert all(len(e) < 6 for e in before.values())
+
+    proc = blendtune("sweep", "--resume", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
+    trials = sorted((run_dir / "tune").glob("*/result.json"))
+    assert len(trials) == 2  # no trial lost, none duplicated
+    for path in trials:
+        epochs = [r["epoch"] for r in result_rows(path.parent)]
+        assert sorted(set(epochs)) == [1, 2, 3, 4, 5, 6]
+        done_before = before.get(path.parent.name, [])
+        # continued from its last checkpoint: at most the epoch in flight is redone, never from epoch 1
+        assert len(epochs) - 6 <= 1, epochs
+        if len(done_before) >= 2:
+            assert epochs.count(1) == 1
+        metrics = read_metrics(path.parent / "metrics.jsonl")
+        assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_killed_train_worker_is_restarted_from_the_last_checkpoint(tmp_path):
+    import psutil
+    args = ["train", "experiments/synthetic_naive.yaml", *SMALL, "workers=2", "sweep.cpus_per_worker=0.5",
+            "train.epochs=8", "data.synthetic.num_train=1500", f"output_dir={tmp_path}"]
+    driver = subprocess.Popen([sys.executable, "-m", "blendtune.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        run_dir = Path(driver.stdout.readline().split("run dir: ")[1].strip())
+        metrics = run_dir / "metrics.jsonl"
+        assert _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        assert workers
+        workers[-1].kill()
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0
+    epochs = [m["epoch"] for m in read_metrics(metrics)]
+    assert epochs == list(range(1, 9))  # the file is rewritten from the checkpoint: no gap, no duplicate
+    assert out.strip().splitlines()[-1] == str(run_dir)
+
+
+def test_sweep_on_a_two_node_cluster(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        run_dir, results = sweep(tmp_path, [f"sweep.address={cluster.address}", "train.epochs=2", "sweep.num_samples=2",
+                                            "sweep.scheduler=none", "sweep.search=random"],
+                                 {"optim.lr": {"choice": [0.01, 0.05]}})
+        assert not [r for r in results if r.error]
+        nodes = {r.metrics["node_id"] for r in results}
+        assert len(nodes) == 2  # one trial on each node (1 CPU each)
+        assert all(r.metrics["epoch"] == 2 for r in results)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
