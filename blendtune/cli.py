@@ -71,34 +71,23 @@ def strategy_variants(text: str) -> list[dict]:
 def sweep_command(args) -> Path:
     from blendtune.config import load_config
     from blendtune.search_space import load_search_space
-    from blendtune.sweep import create_sweep_dir, load_sweep, run_sweep
+    from blendtune.sweep import create_sweep_dir
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg, space, variants = load_sweep(run_dir)
-    else:
+    def new_sweep():
         if not args.experiment or not args.space:
             raise UserError("blendtune sweep: give an experiment YAML and --space SPACE.yaml")
-        cfg = load_config(args.experiment, args.overrides)
-        space = load_search_space(args.space)
-        variants = None
-        run_dir = create_sweep_dir(cfg, space, variants)
-    print(f"sweep dir: {run_dir}", flush=True)
-    results = run_sweep(cfg, space, run_dir, variants, resume=bool(args.resume))
-    _summarise(results, cfg)
-    return run_dir
+        cfg, space = load_config(args.experiment, args.overrides), load_search_space(args.space)
+        return create_sweep_dir(cfg, space, None), cfg, space, None
+    return _run_sweep_command(args, new_sweep, "sweep")
 
 
 def compare_command(args) -> Path:
     from blendtune.config import load_config, with_overrides
     from blendtune.report import write_report
     from blendtune.search_space import Distribution
-    from blendtune.sweep import create_sweep_dir, load_sweep, run_sweep
+    from blendtune.sweep import create_sweep_dir
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg, space, variants = load_sweep(run_dir)
-    else:
+    def new_comparison():
         if not args.experiment:
             raise UserError("blendtune compare: give an experiment YAML")
         if args.seeds < 1:
@@ -109,12 +98,26 @@ def compare_command(args) -> Path:
         for variant in variants:  # fail before starting Ray, not inside a trial
             with_overrides(cfg, variant)
         space = {"seed": Distribution("grid", tuple(range(args.seeds)))}
-        run_dir = create_sweep_dir(cfg, space, variants, kind="compare")
-    print(f"compare dir: {run_dir}", flush=True)
+        return create_sweep_dir(cfg, space, variants, kind="compare"), cfg, space, variants
+    run_dir = _run_sweep_command(args, new_comparison, "compare")
+    print(write_report(run_dir).read_text())
+    return run_dir
+
+
+def _run_sweep_command(args, new_sweep, kind: str) -> Path:
+    from blendtune.sweep import load_sweep, run_sweep
+
+    if args.resume:
+        if args.experiment or args.overrides:
+            raise UserError(f"blendtune {kind} --resume takes no experiment or overrides: it finishes the sweep "
+                            "as it was started")
+        run_dir = Path(args.resume)
+        cfg, space, variants = load_sweep(run_dir)
+    else:
+        run_dir, cfg, space, variants = new_sweep()
+    print(f"{kind} dir: {run_dir}", flush=True)
     results = run_sweep(cfg, space, run_dir, variants, resume=bool(args.resume))
     _summarise(results, cfg)
-    report = write_report(run_dir)
-    print(report.read_text())
     return run_dir
 
 

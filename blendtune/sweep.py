@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from blendtune.config import ExperimentConfig, config_from_dict, to_dict, to_yaml, with_overrides
-from blendtune.errors import UserError
+from blendtune.errors import TrainingDiverged, UserError
 from blendtune.launch import (close_loggers, epoch_loggers, init_ray, load_ray_checkpoint, save_ray_checkpoint,
                               torch_trainer)
 from blendtune.loop import Trainer
@@ -87,6 +87,8 @@ def run_trial(sample: dict, base: dict, sweep_name: str, train_storage: str) -> 
     trainer.callbacks = loggers + [lambda m: save_ray_checkpoint(trainer, report, m, tune.Checkpoint)]
     try:
         trainer.fit()
+    except TrainingDiverged as e:  # a bad corner of the space: the trial ends, the sweep goes on
+        (trial_dir / "diverged.txt").write_text(str(e) + "\n")
     finally:
         close_loggers(loggers)
 
@@ -157,7 +159,7 @@ def _search_and_scheduler(cfg: ExperimentConfig, space: dict[str, Distribution])
         if not mutations:
             raise UserError("sweep.scheduler=pbt needs at least one non-grid key in the space to perturb")
         scheduler = PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
-                                            hyperparam_mutations=mutations, seed=cfg.seed)
+                                            hyperparam_mutations=mutations)
     else:
         scheduler = FIFOScheduler()
     return search, scheduler
@@ -238,7 +240,7 @@ def _fit(cfg, space, run_dir, variants, resume, storage):
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
                                       callbacks=[_release_train_workers_callback()],
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if s.scheduler != "pbt" else 8),
                                       verbose=1))
     return tuner.fit()
 
