@@ -14,6 +14,7 @@ import torch
 
 from blendtune import distributed
 from blendtune.config import ExperimentConfig, config_from_dict, flat_keys, to_dict
+from blendtune.errors import UserError
 from blendtune.loop import Trainer
 from blendtune.reporting import EpochTable, MetricsFile
 from blendtune.runs import CHECKPOINT, METRICS_FILE
@@ -157,6 +158,7 @@ def train_with_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> dict:
     finally:
         if started:
             ray.shutdown()
-    if result.error:
-        raise result.error
+    if result.error:  # the workers' traceback is in Ray's logs; the user gets its last line
+        last = str(result.error).strip().splitlines()[-1]
+        raise UserError(f"training failed on the Ray Train workers: {last} (Ray Train run in '{run_dir / 'ray_train'}')")
     return dict(result.metrics or {})

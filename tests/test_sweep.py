@@ -191,13 +191,15 @@ def test_sweep_on_a_two_node_cluster(tmp_path):
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        run_dir, results = sweep(tmp_path, [f"sweep.address={cluster.address}", "train.epochs=2", "sweep.num_samples=2",
+        # trials of a few seconds each, so both run at once: one per 1-CPU node
+        run_dir, results = sweep(tmp_path, [f"sweep.address={cluster.address}", "train.epochs=3", "sweep.num_samples=2",
+                                            "data.synthetic.num_train=6000",
                                             "sweep.scheduler=none", "sweep.search=random"],
                                  {"optim.lr": {"choice": [0.01, 0.05]}})
         assert not [r for r in results if r.error]
         nodes = {r.metrics["node_id"] for r in results}
         assert len(nodes) == 2  # one trial on each node (1 CPU each)
-        assert all(r.metrics["epoch"] == 2 for r in results)
+        assert all(r.metrics["epoch"] == 3 for r in results)
     finally:
         ray.shutdown()
         cluster.shutdown()
