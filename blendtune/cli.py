@@ -12,7 +12,6 @@ sweep, compare and report print their run directory as the last line of stdout.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -3,6 +3,7 @@ checkpoints. Read `Trainer.fit` and `Trainer.train_epoch` top to bottom; nothing
 from __future__ import annotations
 
 import contextlib
+import sys
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from blendtune.config import ExperimentConfig
 from blendtune.data import MultimodalDataset, build_splits
 from blendtune.errors import TrainingDiverged, UserError
 from blendtune.functional import ogr
-from blendtune.models import FUSED, LateFusionClassifier, build_encoder, build_fusion
+from blendtune.models import LateFusionClassifier, build_encoder, build_fusion
 from blendtune.strategies import STRATEGIES, BalancingStrategy, probe_loss
 
 ENSEMBLE = "ensemble"  # mean of the k + 1 heads' probabilities, reported beside each head
@@ -336,5 +337,4 @@ class Trainer:
 
 
 def _stderr_is_tty() -> bool:
-    import sys
     return sys.stderr.isatty()

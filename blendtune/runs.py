@@ -5,9 +5,8 @@ import secrets
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
-from blendtune.config import ExperimentConfig, config_from_dict, to_yaml
+from blendtune.config import ExperimentConfig, to_yaml
 from blendtune.errors import UserError
 
 CONFIG_FILE = "config.yaml"

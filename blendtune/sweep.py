@@ -9,10 +9,8 @@ own latest checkpoint; when Tune stops such a trial early its worker placement g
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -136,7 +134,6 @@ def _release_train_workers_callback():
 
 
 def _search_and_scheduler(cfg: ExperimentConfig, space: dict[str, Distribution]):
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     s = cfg.sweep
@@ -203,7 +200,6 @@ def run_sweep(cfg: ExperimentConfig, space: dict[str, Distribution], run_dir: Pa
               variants: list[dict] | None = None, resume: bool = False):
     """Run (or resume) the Tune experiment of `run_dir`; returns Tune's ResultGrid."""
     import ray
-    from ray import tune
 
     validate_space(space, cfg)
     if cfg.sweep.metric.split("/")[1:2] == ["held_out"] and cfg.data.held_out_ratio <= 0 and "data.held_out_ratio" not in space:

@@ -26,11 +26,6 @@ TINY = ["data.dataset=synthetic", "data.synthetic.num_train=200", "data.syntheti
         "data.synthetic.modalities.memorizable.memorize_dims=64", "wandb=false"]
 
 
-@pytest.fixture
-def tiny_overrides(tmp_path):
-    return TINY + [f"output_dir={tmp_path / 'runs'}"]
-
-
 def make_tiny_avdigits(root, broken: str | None = None):
     """FSDD-layout clips of 2 digits x 3 speakers x 2 takes and a 40-image MNIST npz."""
     rec = root / "fsdd" / "recordings"

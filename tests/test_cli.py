@@ -1,5 +1,4 @@
 """The command line as a user runs it: a run directory with config and metrics, clear one-line errors."""
-import json
 import os
 import subprocess
 import sys

@@ -1,5 +1,4 @@
 """Every registered strategy trains and resumes exactly; G-Blend and OGM do what the papers say."""
-import json
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from blendtune.errors import UserError
 from blendtune.registry import Registry

@@ -2,7 +2,6 @@
 with `out_dim`; it accepts `(B, *shape)` and, for frame stacks `(B, T, C, H, W)`, pools over time."""
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
