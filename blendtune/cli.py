@@ -6,6 +6,8 @@
     blendtune sweep   --resume RUN_DIR
     blendtune compare EXPERIMENT.yaml --strategies naive,gblend,ogm_ge,unimodal:audio --seeds 3 [key=value ...]
     blendtune report  RUN_DIR
+    blendtune data check    DATASET|EXPERIMENT.yaml [--root DIR] [key=value ...]   walk every file
+    blendtune data download fsdd --root DIR
 
 sweep, compare and report print their run directory as the last line of stdout.
 """
@@ -42,7 +44,37 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a sweep")
     report.add_argument("run_dir")
+
+    data = sub.add_parser("data", help="check or download datasets").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="count samples per split/class and list every bad file; "
+                                          "exit status 1 if any")
+    check.add_argument("dataset", help="a dataset name (crema_d, av_csv, features, avdigits, ...) or an experiment YAML")
+    check.add_argument("overrides", nargs="*", help="config overrides, e.g. data.crema_d.frames_dir=Image-02-FPS")
+    check.add_argument("--root", help="the dataset's folder (default: data.root / $BLENDTUNE_DATA_ROOT)")
+    download = data.add_parser("download", help="fetch a public dataset and verify it")
+    download.add_argument("name", choices=["fsdd"])
+    download.add_argument("--root", required=True, help="data root; FSDD goes to ROOT/fsdd/recordings")
+    download.add_argument("--url", default=None, help="archive URL (default: FSDD on GitHub at the pinned commit)")
     return parser
+
+
+def data_command(args) -> int:
+    if args.data_command == "download":
+        from blendtune.data.download import FSDD_URL, download_fsdd
+        print(download_fsdd(Path(args.root), url=args.url or FSDD_URL))
+        return 0
+    from dataclasses import asdict
+    from blendtune.config import load_config
+    from blendtune.data import DATASETS
+    if args.dataset.endswith((".yaml", ".yml")):
+        cfg = load_config(args.dataset, args.overrides)
+    else:
+        cfg = load_config(None, [f"data.dataset={args.dataset}", *args.overrides])
+    name = cfg.data.dataset
+    options = asdict(getattr(cfg.data, name)) if hasattr(cfg.data, name) else {}
+    report = DATASETS.get(name)(root=args.root or cfg.data.root, **options).check()
+    print(report.format())
+    return 1 if report.problems else 0
 
 
 def _split_resume(args) -> list[str]:
@@ -157,6 +189,14 @@ def train_command(args) -> Path:
     return run_dir
 
 
+def user_message(e: UserError) -> str:
+    """A UserError raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -167,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
+        if args.command == "data":
+            return data_command(args)
         if args.command == "train":
             run_dir = train_command(args)
         elif args.command == "sweep":
@@ -180,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run_dir)
         return 0
     except UserError as e:
-        print(f"blendtune: error: {e}", file=sys.stderr)
+        print(f"blendtune: error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("blendtune: interrupted; resume with `blendtune train --resume RUN_DIR`", file=sys.stderr)

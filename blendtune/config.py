@@ -47,6 +47,46 @@ class AVDigitsConfig:
 
 
 @dataclass
+class ClipConfig:
+    """Audio window, spectrogram and video frames of a file-based audio-visual dataset."""
+    sample_rate: int = 22050
+    window_s: float = 3.0
+    n_fft: int = 512
+    hop_length: int = 353
+    n_mels: int = 0              # 0: log-magnitude STFT (as OGM-GE); > 0: log-mel
+    pad: str = "tile"            # a short clip is repeated (tile, as OGM-GE) or zero-padded (zero)
+    num_frames: int = 1          # frames sampled per clip (random in training, evenly spaced in evaluation)
+    image_size: int = 224
+
+
+@dataclass
+class CremaDConfig(ClipConfig):
+    train_csv: str = "train.csv"
+    test_csv: str = "test.csv"
+    audio_dir: str = "AudioWAV"
+    frames_dir: str = "Image-01-FPS"
+
+
+@dataclass
+class AVCSVConfig(ClipConfig):
+    csv: str = "data.csv"        # header id,label,split (+ optional group)
+    audio_dir: str = "audio"
+    frames_dir: str = "frames"
+    classes: List[str] = field(default_factory=list)  # empty: the labels found in the CSV, sorted
+    multilabel: bool = False     # labels separated by label_separator; BCE loss, mAP
+    label_separator: str = ";"
+    sample_rate: int = 16000
+    window_s: float = 10.0
+    hop_length: int = 160
+    num_frames: int = 3
+
+
+@dataclass
+class FeaturesConfig:
+    modalities: List[str] = field(default_factory=list)  # empty: every <name>.npy in train/ but labels/groups
+
+
+@dataclass
 class DataConfig:
     dataset: str = "synthetic"
     root: Optional[str] = None   # falls back to $BLENDTUNE_DATA_ROOT
@@ -55,9 +95,14 @@ class DataConfig:
     train_eval_size: Optional[int] = None  # evaluate train loss on a fixed subset T' of this size
     batch_size: int = 64
     eval_batch_size: int = 512
-    num_workers: int = 0
+    num_workers: int = 0         # DataLoader worker processes (file-based datasets decode there)
+    skip_bad: bool = False       # skip samples whose files are missing or broken (and log how many)
+    spectrogram_on: str = "loader"  # loader: in the loader workers | device: batched in the training step
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     avdigits: AVDigitsConfig = field(default_factory=AVDigitsConfig)
+    crema_d: CremaDConfig = field(default_factory=CremaDConfig)
+    av_csv: AVCSVConfig = field(default_factory=AVCSVConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
 @dataclass
@@ -266,6 +311,9 @@ def _first_line(e: Exception) -> str:
 
 _CHOICES = {
     "train.amp": ("auto", "off", "bf16", "fp16"),
+    "data.spectrogram_on": ("loader", "device"),
+    "data.crema_d.pad": ("tile", "zero"),
+    "data.av_csv.pad": ("tile", "zero"),
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("none", "cosine", "step"),
     "gblend.mode": ("online", "offline"),
@@ -296,7 +344,8 @@ def validate(cfg: ExperimentConfig) -> None:
                             f"{', '.join(ENCODERS.names())}, got {enc.name!r}")
     positive = ["workers", "sweep.num_samples", "sweep.grace_period", "sweep.perturbation_interval",
                 "sweep.reduction_factor", "train.epochs", "data.batch_size", "data.eval_batch_size", "gblend.super_epoch",
-                "train.checkpoint_every", "optim.step_size"]
+                "train.checkpoint_every", "optim.step_size",
+                "data.crema_d.num_frames", "data.av_csv.num_frames", "data.crema_d.image_size", "data.av_csv.image_size"]
     for key in positive:
         if flat[key] <= 0:
             raise UserError(f"config key '{key}': expected a positive number, got {flat[key]}")

@@ -22,3 +22,13 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def gather_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenates this rank's tensors with every other rank's (evaluation scores for exact mAP)."""
+    local = torch.cat(tensors, dim=dim) if tensors else None
+    if not is_distributed():
+        return local
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, local)
+    return torch.cat([p for p in parts if p is not None], dim=dim)

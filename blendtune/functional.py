@@ -9,6 +9,7 @@ import math
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -48,12 +49,36 @@ def gblend_weights(delta_g: Mapping[str, float], delta_o: Mapping[str, float],
     return {h: v / total for h, v in raw.items()}
 
 
+def classification_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy for class indices; for multi-hot float targets (multi-label) binary cross-entropy
+    averaged over classes per sample. reduction: mean or sum over the batch."""
+    if targets.is_floating_point():
+        per_sample = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").mean(dim=1)
+        return per_sample.mean() if reduction == "mean" else per_sample.sum()
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
 def ogm_scores(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> Tensor:
-    """s_u = sum over the batch of softmax(logits_u)[y]; one entry per modality, in mapping order."""
+    """s_u = sum over the batch of softmax(logits_u)[y]; one entry per modality, in mapping order.
+    Multi-label (multi-hot targets): the mean sigmoid probability of each sample's true labels."""
+    if targets.is_floating_point():
+        per_sample = [(torch.sigmoid(lg.float()) * targets).sum(1) / targets.sum(1).clamp_min(1)
+                      for lg in unimodal_logits.values()]
+        return torch.stack([p.sum() for p in per_sample])
     return torch.stack([
         torch.softmax(logits.float(), dim=1).gather(1, targets.view(-1, 1)).sum()
         for logits in unimodal_logits.values()
     ])
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
+    """Per-class average precision (AudioSet's mAP is its mean) of (N, C) scores against 0/1 targets;
+    NaN for a class without positives."""
+    order = scores.argsort(dim=0, descending=True)
+    hits = targets.gather(0, order).double()
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64, device=hits.device).unsqueeze(1)
+    positives = hits.sum(0)
+    return torch.where(positives > 0, (precision * hits).sum(0) / positives.clamp_min(1), torch.nan)
 
 
 def ogm_coefficients_from_scores(scores: Tensor, alpha: float) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ from blendtune.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from blendtune.config import ExperimentConfig
 from blendtune.data import MultimodalDataset, build_splits
 from blendtune.errors import TrainingDiverged, UserError
-from blendtune.functional import ogr
+from blendtune.functional import average_precision, classification_loss, ogr
 from blendtune.models import LateFusionClassifier, build_encoder, build_fusion
 from blendtune.strategies import STRATEGIES, BalancingStrategy, probe_loss
 
@@ -30,8 +30,9 @@ ENSEMBLE = "ensemble"  # mean of the k + 1 heads' probabilities, reported beside
 @dataclass
 class HeadStats:
     loss: float
-    acc: float
-    f1: float  # macro-F1
+    acc: float | None = None   # single-label
+    f1: float | None = None    # macro-F1, single-label
+    map: float | None = None   # mean average precision over classes, multi-label
 
 
 class Evaluation:
@@ -47,15 +48,12 @@ class Evaluation:
         out = {}
         for split, heads in self.splits.items():
             for head, st in heads.items():
-                out[f"acc/{split}/{head}"] = st.acc
-                out[f"f1/{split}/{head}"] = st.f1
+                for name in ("acc", "f1", "map"):
+                    if getattr(st, name) is not None:
+                        out[f"{name}/{split}/{head}"] = getattr(st, name)
                 if head != ENSEMBLE:
                     out[f"loss/{split}/{head}"] = st.loss
         return out
-
-
-def batches_collated(batch):
-    return batch  # MultimodalDataset.__getitems__ already returns a collated batch
 
 
 class ShardSampler(Sampler):
@@ -141,7 +139,11 @@ class Trainer:
 
         data_args = asdict(getattr(cfg.data, cfg.data.dataset)) if hasattr(cfg.data, cfg.data.dataset) else {}
         self.splits = build_splits(cfg.data.dataset, {**data_args, "root": cfg.data.root}, cfg.data.held_out_ratio,
-                                   cfg.data.held_out_by_group, cfg.data.train_eval_size, cfg.seed)
+                                   cfg.data.held_out_by_group, cfg.data.train_eval_size, cfg.seed,
+                                   skip_bad=cfg.data.skip_bad, spectrogram_on=cfg.data.spectrogram_on)
+        # e.g. spectrograms computed from waveform batches in the step (data.spectrogram_on=device)
+        self.device_transforms = {m: t.to(self.device) for m, t in self.splits.train.device_transforms.items()}
+        self.skipped = 0  # bad samples dropped from training batches (data.skip_bad)
         self.model = build_model(cfg, self.splits.train).to(self.device)
         self.strategy = build_strategy(cfg)
         self.strategy.setup(self.model, cfg.seed, cfg.train.epochs)
@@ -156,20 +158,29 @@ class Trainer:
         self.batch_size = per_worker_batch_size(cfg.data.batch_size, distributed.world_size())
         self.train_sampler = DistributedSampler(self.splits.train, num_replicas=distributed.world_size(),
                                                 rank=distributed.rank(), shuffle=True, seed=cfg.seed)
-        self.train_loader = self._loader(self.splits.train, self.batch_size, self.train_sampler)
+        self.train_loader = self._loader(self.splits.train, self.batch_size, self.train_sampler, persistent=True)
         self.epoch = 0
         self.step = 0
         self.last_losses: dict | None = None
 
     # ---- data -------------------------------------------------------------------------------
-    def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.data.num_workers,
-                          collate_fn=batches_collated, pin_memory=self.device.type == "cuda")
+    def _loader(self, dataset, batch_size: int, sampler, persistent: bool = False) -> DataLoader:
+        workers = self.cfg.data.num_workers
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          collate_fn=dataset.collate_fn, pin_memory=self.device.type == "cuda",
+                          persistent_workers=persistent and workers > 0)
 
     def _to_device(self, batch):
-        inputs, targets = batch
+        inputs, targets = batch[:2]  # file datasets add a third element: bad samples dropped (data.skip_bad)
+        if len(targets) == 0 and distributed.is_distributed():
+            raise UserError("every sample of a batch was bad (data.skip_bad): with several workers that "
+                            "would desynchronise DDP; fix the files `blendtune data check` lists")
         nb = self.device.type == "cuda"
-        return {m: x.to(self.device, non_blocking=nb) for m, x in inputs.items()}, targets.to(self.device, non_blocking=nb)
+        inputs = {m: x.to(self.device, non_blocking=nb) for m, x in inputs.items()}
+        with torch.no_grad():
+            for m, transform in self.device_transforms.items():
+                inputs[m] = transform(inputs[m])
+        return inputs, targets.to(self.device, non_blocking=nb)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -195,7 +206,8 @@ class Trainer:
             metrics = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                        "loss/objective": train_loss, **evaluation.metrics(),
                        **self._ogr_metrics(self.last_losses, evaluation.losses()),
-                       **self.strategy.epoch_metrics(), "time/epoch_s": time.perf_counter() - began}
+                       **self.strategy.epoch_metrics(), **self._skipped_metrics(),
+                       "time/epoch_s": time.perf_counter() - began}
             self.epoch, self.last_losses = epoch, evaluation.losses()
             for callback in self.callbacks:
                 callback(metrics)
@@ -213,6 +225,9 @@ class Trainer:
                        disable=not (self.cfg.train.progress and distributed.rank() == 0 and _stderr_is_tty()))
         for batch in batches:
             inputs, targets = self._to_device(batch)
+            self.skipped += batch[2] if len(batch) == 3 else 0
+            if len(targets) == 0:  # every sample in it was bad and skipped
+                continue
             masks = strategy.modality_masks(targets)
             with self._autocast():
                 out = model(inputs, modality_masks=masks, detach_unimodal_heads=strategy.detach_unimodal_heads)
@@ -247,6 +262,8 @@ class Trainer:
             sampler.set_epoch(self.epoch * 1000 + e)
             for batch in loader:
                 inputs, targets = self._to_device(batch)
+                if len(targets) == 0:
+                    continue
                 with self._autocast():
                     loss = loss_fn(model(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
@@ -263,34 +280,59 @@ class Trainer:
         splits = {"train": self.splits.train_eval, "held_out": self.splits.held_out, "test": self.splits.test}
         return Evaluation({name: self._evaluate_split(model, ds) for name, ds in splits.items() if ds is not None})
 
-    def _evaluate_split(self, model: LateFusionClassifier, dataset: MultimodalDataset) -> dict[str, HeadStats]:
+    def _evaluate_split(self, model: LateFusionClassifier, dataset) -> dict[str, HeadStats]:
         was_training = model.training
         model.eval()
         heads = model.head_names + [ENSEMBLE]
-        c = dataset.num_classes
+        c, multilabel = dataset.num_classes, dataset.multilabel
         loss_sum = torch.zeros(len(heads), device=self.device, dtype=torch.float64)
         confusion = torch.zeros(len(heads), c * c, device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        scores, labels = [], []  # multi-label: every score, for average precision
         for batch in self._loader(dataset, self.cfg.data.eval_batch_size, ShardSampler(len(dataset))):
             inputs, targets = self._to_device(batch)
+            if len(targets) == 0:
+                continue
             with self._autocast():
                 out = model(inputs)
             logits = [out.logits[h].float() for h in model.head_names]
-            probs = torch.stack([l.softmax(dim=1) for l in logits]).mean(dim=0)
+            count += len(targets)
             for i, lg in enumerate(logits):
-                loss_sum[i] += F.cross_entropy(lg, targets, reduction="sum")
+                loss_sum[i] += classification_loss(lg, targets, reduction="sum")
+            if multilabel:
+                probs = torch.stack([lg.sigmoid() for lg in logits])
+                ensemble = probs.mean(dim=0)
+                loss_sum[-1] += F.binary_cross_entropy(ensemble, targets, reduction="none").mean(1).sum()
+                scores.append(torch.cat([probs, ensemble[None]]).cpu())
+                labels.append(targets.cpu())
+                continue
+            probs = torch.stack([lg.softmax(dim=1) for lg in logits]).mean(dim=0)
+            for i, lg in enumerate(logits):
                 confusion[i] += torch.bincount(targets * c + lg.argmax(1), minlength=c * c)
             loss_sum[-1] += F.nll_loss(probs.clamp_min(1e-12).log(), targets, reduction="sum")
             confusion[-1] += torch.bincount(targets * c + probs.argmax(1), minlength=c * c)
         distributed.all_reduce_sum_(loss_sum)
         distributed.all_reduce_sum_(confusion)
+        distributed.all_reduce_sum_(count)
         model.train(was_training)
+        n = count.clamp_min(1)
+        if multilabel:
+            scores, labels = distributed.gather_cat(scores, dim=1), distributed.gather_cat(labels, dim=0)
+            aps = [average_precision(scores[i], labels).nanmean() for i in range(len(heads))]
+            return {h: HeadStats(loss=float(loss_sum[i] / n), map=float(aps[i])) for i, h in enumerate(heads)}
         confusion = confusion.view(len(heads), c, c)
-        n = confusion[0].sum().clamp_min(1)
         tp = confusion.diagonal(dim1=1, dim2=2)
         f1 = (2 * tp / (confusion.sum(1) + confusion.sum(2)).clamp_min(1)).mean(1)
         acc = tp.sum(1) / n
         return {h: HeadStats(loss=float(loss_sum[i] / n), acc=float(acc[i]), f1=float(f1[i]))
                 for i, h in enumerate(heads)}
+
+    def _skipped_metrics(self) -> dict[str, float]:
+        if not self.cfg.data.skip_bad:
+            return {}
+        skipped = distributed.all_reduce_sum_(torch.tensor(float(self.skipped), device=self.device))
+        self.skipped = 0
+        return {"data/skipped": float(skipped)}
 
     @staticmethod
     def _ogr_metrics(before: dict | None, after: dict) -> dict[str, float]:

@@ -41,3 +41,82 @@ def make_tiny_avdigits(root, broken: str | None = None):
     (root / "mnist").mkdir()
     np.savez(root / "mnist" / "mnist5k.npz", images=rng.uniform(0, 255, (40, 28, 28)).astype(np.float32),
              labels=np.repeat(np.arange(2), 20))
+
+
+# ---- tiny datasets in each on-disk layout (issue 4) --------------------------------------------------
+def write_wav(path, seconds: float, rate: int, freq: float, seed: int = 0):
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(seed).normal(0, 0.05, len(t))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, (0.5 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32), rate)
+
+
+def write_frames(folder, count: int, colour: int, size=(24, 32), seed: int = 0):
+    from torchvision.io import encode_jpeg, write_file
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        img = (torch.full((3, *size), colour, dtype=torch.int32) + torch.randint(-20, 20, (3, *size), generator=gen))
+        write_file(str(folder / f"{i:03d}.jpg"), encode_jpeg(img.clamp(0, 255).to(torch.uint8)))
+
+
+EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
+
+
+def make_crema_d(root, per_class: int = 2, actors=("1001", "1002", "1003")):
+    """OGM-GE's CREMA-D layout: AudioWAV/<clip>.wav, Image-01-FPS/<clip>/*.jpg, train.csv/test.csv."""
+    rows = {"train": [], "test": []}
+    for c, emotion in enumerate(EMOTIONS):
+        for actor in actors:
+            for take in range(per_class):
+                clip = f"{actor}_T{take}_{emotion}_XX"
+                write_wav(root / "AudioWAV" / f"{clip}.wav", 0.3 + 0.1 * take, 16000, 200 + 100 * c, seed=c)
+                write_frames(root / "Image-01-FPS" / clip, 2, 40 * c, seed=take)
+                rows["test" if actor == actors[-1] else "train"].append(f"{clip},{emotion}")
+    for split, lines in rows.items():
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+CREMA_TINY = ["data.dataset=crema_d", "data.crema_d.sample_rate=8000", "data.crema_d.window_s=0.5",
+              "data.crema_d.n_fft=128", "data.crema_d.hop_length=64", "data.crema_d.image_size=32",
+              "data.crema_d.num_frames=2", "model.encoders.audio.name=spec_cnn", "model.encoders.audio.hidden=8",
+              "model.encoders.visual.name=spec_cnn", "model.encoders.visual.hidden=8",
+              "data.batch_size=8", "data.eval_batch_size=16", "train.epochs=1", "train.progress=false",
+              "wandb=false", "data.held_out_ratio=0.2"]
+
+
+def make_av_csv(root, multilabel: bool = False):
+    """Kinetics-Sounds / VGGSound style: data.csv (id,label,split,group), audio/<id>.wav, frames/<id>/*.jpg."""
+    labels = ["dog", "drum", "rain"]
+    lines = ["id,label,split,group"]
+    for i in range(18):
+        c = i % 3
+        label = f"{labels[c]};{labels[(c + 1) % 3]}" if multilabel and i % 2 else labels[c]
+        clip = f"clip{i:02d}"
+        write_wav(root / "audio" / f"{clip}.wav", 0.4, 16000, 300 + 200 * c, seed=i)
+        write_frames(root / "frames" / clip, 3, 60 * c, seed=i)
+        lines.append(f"{clip},{label},{'test' if i >= 12 else 'train'},v{i // 4}")
+    (root / "data.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+AV_CSV_TINY = ["data.dataset=av_csv", "data.av_csv.sample_rate=8000", "data.av_csv.window_s=0.5",
+               "data.av_csv.n_fft=128", "data.av_csv.hop_length=64", "data.av_csv.image_size=32",
+               "data.av_csv.num_frames=2", "model.encoders.audio.name=spec_cnn", "model.encoders.audio.hidden=8",
+               "model.encoders.visual.name=spec_cnn", "model.encoders.visual.hidden=8",
+               "data.batch_size=4", "train.epochs=1", "train.progress=false", "wandb=false", "data.held_out_ratio=0.2"]
+
+
+def make_features(root, n_train: int = 120, n_test: int = 60, multilabel: bool = False):
+    """train/ and test/ with a vector modality, a sequence modality and labels."""
+    rng = np.random.default_rng(0)
+    prototypes = rng.normal(0, 1, (4, 8))
+    for split, n in (("train", n_train), ("test", n_test)):
+        folder = root / split
+        folder.mkdir(parents=True)
+        y = rng.integers(0, 4, n)
+        np.save(folder / "vec.npy", (prototypes[y] + rng.normal(0, 0.3, (n, 8))).astype(np.float32))
+        np.savez(folder / "seq.npz", features=rng.normal(0, 1, (n, 5, 6)).astype(np.float32))
+        np.save(folder / "labels.npy", np.eye(4)[y] if multilabel else y)
+    return root

@@ -8,42 +8,23 @@ Layout under the data root: `fsdd/recordings/{digit}_{speaker}_{take}.wav`, `mni
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
+from collections import Counter
+
 import numpy as np
-import soundfile
 import torch
 import torchaudio
 import torchvision.transforms.v2.functional as TF
 
-from blendtune.data.base import DATASETS, MultimodalDataset, data_root
+from blendtune.data.audio import fit_to_window, read_clip
+from blendtune.data.audiovisual import scan, Sample
+from blendtune.data.base import DATASETS, DataCheck, DatasetAdapter, MultimodalDataset, Problem, data_root
 from blendtune.errors import UserError
 
 CLIP_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-
-
-def read_clip(path: Path, sample_rate: int) -> torch.Tensor:
-    """Mono float waveform at `sample_rate`; a clip that cannot be decoded is named in the error."""
-    try:
-        wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise UserError(f"cannot decode WAV file '{path}': {e}") from None
-    if wave.shape[0] == 0:
-        raise UserError(f"WAV file '{path}' has no samples")
-    wave = torch.from_numpy(wave.mean(axis=1))
-    if rate != sample_rate:
-        wave = torchaudio.functional.resample(wave, rate, sample_rate)
-    return wave
-
-
-def fit_to_window(wave: torch.Tensor, length: int) -> torch.Tensor:
-    """Centre-crop a long clip, zero-pad a short one on both sides."""
-    if len(wave) >= length:
-        start = (len(wave) - length) // 2
-        return wave[start:start + length]
-    pad = length - len(wave)
-    return torch.nn.functional.pad(wave, (pad // 2, pad - pad // 2))
 
 
 def log_mel(waves: torch.Tensor, sample_rate: int, n_fft: int, hop_length: int, n_mels: int) -> torch.Tensor:
@@ -52,14 +33,18 @@ def log_mel(waves: torch.Tensor, sample_rate: int, n_fft: int, hop_length: int, 
     return torchaudio.transforms.AmplitudeToDB(top_db=80.0)(mel(waves)).unsqueeze(1)  # (N, 1, mels, frames)
 
 
-def list_clips(recordings: Path) -> list[tuple[Path, int, str]]:
+def list_clips(recordings: Path, problems: list[Problem] | None = None) -> list[tuple[Path, int, str]]:
+    """(path, digit, speaker) per clip. A misnamed file is an error, or a problem when `problems` collects."""
     if not recordings.is_dir():
         raise UserError(f"FSDD recordings folder not found: '{recordings}' (expected <data root>/fsdd/recordings)")
     clips = []
     for path in sorted(recordings.glob("*.wav")):
         match = CLIP_NAME.match(path.name)
         if not match:
-            raise UserError(f"unexpected file name '{path}': expected {{digit}}_{{speaker}}_{{take}}.wav")
+            if problems is None:
+                raise UserError(f"unexpected file name '{path}': expected {{digit}}_{{speaker}}_{{take}}.wav")
+            problems.append(Problem("unknown label", str(path), "expected {digit}_{speaker}_{take}.wav"))
+            continue
         clips.append((path, int(match.group(1)), match.group(2)))
     if not clips:
         raise UserError(f"no WAV files in '{recordings}'")
@@ -90,10 +75,44 @@ def pair_images(digits: np.ndarray, mnist_labels: np.ndarray, seed: int) -> np.n
 
 
 @DATASETS.register("avdigits")
+class AVDigits(DatasetAdapter):
+    """Options: data.avdigits (test_speakers, window_s, sample_rate, n_fft, hop_length, n_mels, pairing_seed)."""
+    name = "avdigits"
+
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
+        # Decoded once into memory (3,000 short clips): no loader workers, no device-side spectrogram needed.
+        return avdigits(root=self.root, skip_bad=skip_bad, **self.options)
+
+    def check(self) -> DataCheck:
+        base = data_root(self.root)
+        problems: list[Problem] = []
+        clips = list_clips(base / "fsdd" / "recordings", problems)
+        speakers = {s for _, _, s in clips}
+        split = {True: "test", False: "train"}
+        samples = [Sample(p.stem, split[s in self.options["test_speakers"]], (str(d),), p, None, s) for p, d, s in clips]
+        problems += [p for p in scan(samples, decode=True) if p is not None]
+        try:
+            load_mnist(base / "mnist" / "mnist5k.npz")
+        except UserError as e:
+            problems.append(Problem("unreadable MNIST file", str(base / "mnist" / "mnist5k.npz"), str(e)))
+        for speaker in sorted(set(self.options["test_speakers"]) - speakers):
+            problems.append(Problem("unknown test speaker", speaker, f"speakers found: {sorted(speakers)}"))
+        counts = {k: Counter(s.labels[0] for s in samples if s.split == k) for k in ("train", "test")}
+        return DataCheck(self.name, str(base), [str(d) for d in range(10)], counts, problems)
+
+
 def avdigits(test_speakers: list[str], window_s: float, sample_rate: int, n_fft: int, hop_length: int,
-             n_mels: int, pairing_seed: int, root: str | None = None) -> tuple[MultimodalDataset, MultimodalDataset]:
+             n_mels: int, pairing_seed: int, root: str | None = None,
+             skip_bad: bool = False) -> tuple[MultimodalDataset, MultimodalDataset]:
     base = data_root(root)
-    clips = list_clips(base / "fsdd" / "recordings")
+    problems: list[Problem] = []
+    clips = list_clips(base / "fsdd" / "recordings", problems if skip_bad else None)
+    if skip_bad:
+        found = scan([Sample(p.stem, "", (), p, None) for p, _, _ in clips], decode=True)
+        problems += [p for p in found if p is not None]
+        clips = [c for c, p in zip(clips, found) if p is None]
+        if problems:
+            print(f"blendtune: skipping {len(problems)} bad clip(s) (first: {problems[0]})", file=sys.stderr)
     images, labels = load_mnist(base / "mnist" / "mnist5k.npz")
     speakers = np.array([s for _, _, s in clips])
     unknown = sorted(set(test_speakers) - set(speakers))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,56 @@ from blendtune.registry import Registry
 DATASETS: Registry = Registry("dataset")
 
 
+@dataclass
+class Problem:
+    """One bad sample or row, found by `DatasetAdapter.check` (or the quick scan before training)."""
+    kind: str      # missing file, undecodable WAV, undecodable JPEG, empty frame folder, unknown label, ...
+    path: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.path}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class DataCheck:
+    dataset: str
+    root: str
+    classes: list[str]
+    counts: dict[str, Counter]     # split -> class -> samples listed
+    problems: list[Problem]
+
+    def format(self) -> str:
+        lines = [f"{self.dataset} at {self.root}: {len(self.classes)} classes"]
+        width = max([len(c) for c in self.classes] + [5])
+        lines.append("split".ljust(8) + "".join(c.rjust(width + 1) for c in self.classes) + "total".rjust(8))
+        for split, counter in self.counts.items():
+            lines.append(split.ljust(8) + "".join(str(counter[c]).rjust(width + 1) for c in self.classes)
+                         + str(sum(counter.values())).rjust(8))
+        kinds = Counter(p.kind for p in self.problems)
+        lines.append(f"problems: {len(self.problems)}" + (" (" + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")"
+                                                           if kinds else ""))
+        lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class DatasetAdapter:
+    """One on-disk layout, registered in DATASETS under `name`. Options come from `data.<name>`."""
+    name = ""
+
+    def __init__(self, root: str | None = None, **options):
+        self.root = root
+        self.options = options
+
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader") -> tuple[Dataset, Dataset]:
+        """(train, test) datasets with `targets`, `num_classes`, `modalities`, `input_shapes`, `subset`."""
+        raise NotImplementedError
+
+    def check(self) -> DataCheck:
+        """Walk every file; nothing is trained."""
+        raise NotImplementedError
+
+
 class MultimodalDataset(Dataset):
     """In-memory k-modality classification data; an item is ({modality: tensor}, target)."""
 
@@ -27,7 +78,7 @@ class MultimodalDataset(Dataset):
             if len(x) != n:
                 raise ValueError(f"modality {m!r} has {len(x)} samples, targets have {n}")
         self.inputs = inputs
-        self.targets = targets.long()
+        self.targets = targets if targets.is_floating_point() else targets.long()  # float: multi-hot
         self.num_classes = num_classes
         self.groups = list(groups) if groups is not None else None
         self.default_encoders = default_encoders or {m: "mlp" for m in inputs}
@@ -50,6 +101,16 @@ class MultimodalDataset(Dataset):
         # DataLoader fetches a whole batch with one indexing op per modality instead of per sample.
         idx = torch.as_tensor(indices, dtype=torch.long)
         return {m: x[idx] for m, x in self.inputs.items()}, self.targets[idx]
+
+    multilabel = property(lambda self: self.targets.dim() == 2)
+    device_transforms: dict = {}
+
+    @staticmethod
+    def collate_fn(batch):
+        return batch  # __getitems__ already returns a collated batch
+
+    def for_evaluation(self) -> "MultimodalDataset":
+        return self
 
     def subset(self, indices) -> "MultimodalDataset":
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
@@ -114,17 +175,21 @@ def held_out_indices(targets: np.ndarray, ratio: float, seed: int,
 
 
 def build_splits(dataset: str, data_args: dict, held_out_ratio: float, held_out_by_group: bool,
-                 train_eval_size: int | None, seed: int) -> Splits:
+                 train_eval_size: int | None, seed: int, skip_bad: bool = False,
+                 spectrogram_on: str = "loader") -> Splits:
     """Build the named dataset and carve the held-out split from its training part (seeded)."""
-    full_train, test = DATASETS.get(dataset)(**data_args)
+    full_train, test = DATASETS.get(dataset)(**data_args).build(skip_bad=skip_bad, spectrogram_on=spectrogram_on)
+    if len(full_train) == 0 or len(test) == 0:
+        raise UserError(f"dataset {dataset!r}: the {'training' if len(full_train) == 0 else 'test'} split is empty")
     groups = full_train.groups if held_out_by_group else None
     if held_out_by_group and groups is None:
         raise UserError(f"data.held_out_by_group=true, but dataset {dataset!r} has no groups")
-    train_idx, held_idx = held_out_indices(full_train.targets.numpy(), held_out_ratio, seed, groups)
+    strata = full_train.targets.argmax(1) if full_train.targets.dim() == 2 else full_train.targets
+    train_idx, held_idx = held_out_indices(strata.numpy(), held_out_ratio, seed, groups)
     train = full_train.subset(train_idx)
-    held_out = full_train.subset(held_idx) if len(held_idx) else None
-    train_eval = train
+    held_out = full_train.subset(held_idx).for_evaluation() if len(held_idx) else None
+    train_eval = train.for_evaluation()
     if train_eval_size is not None and train_eval_size < len(train):
         pick = np.sort(np.random.default_rng(seed + 1).choice(len(train), train_eval_size, replace=False))
-        train_eval = train.subset(pick)
+        train_eval = train.subset(pick).for_evaluation()
     return Splits(train, held_out, train_eval, test)

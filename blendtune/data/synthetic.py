@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from blendtune.data.base import DATASETS, MultimodalDataset
+from collections import Counter
+
+from blendtune.data.base import DATASETS, DataCheck, DatasetAdapter, MultimodalDataset
 
 
 def _make(modalities: dict, num_classes: int, n: int, prototypes: dict, gen: torch.Generator) -> MultimodalDataset:
@@ -24,10 +26,19 @@ def _make(modalities: dict, num_classes: int, n: int, prototypes: dict, gen: tor
 
 
 @DATASETS.register("synthetic")
-def synthetic(num_classes: int, num_train: int, num_test: int, seed: int, modalities: dict,
-              root=None) -> tuple[MultimodalDataset, MultimodalDataset]:
-    gen = torch.Generator().manual_seed(seed)
-    prototypes = {m: torch.randn(num_classes, spec["dim"], generator=gen) for m, spec in modalities.items()}
-    train = _make(modalities, num_classes, num_train, prototypes, gen)
-    test = _make(modalities, num_classes, num_test, prototypes, gen)
-    return train, test
+class Synthetic(DatasetAdapter):
+    name = "synthetic"
+
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
+        o = self.options
+        gen = torch.Generator().manual_seed(o["seed"])
+        prototypes = {m: torch.randn(o["num_classes"], spec["dim"], generator=gen) for m, spec in o["modalities"].items()}
+        train = _make(o["modalities"], o["num_classes"], o["num_train"], prototypes, gen)
+        test = _make(o["modalities"], o["num_classes"], o["num_test"], prototypes, gen)
+        return train, test
+
+    def check(self) -> DataCheck:
+        splits = dict(zip(("train", "test"), self.build()))
+        classes = [str(c) for c in range(self.options["num_classes"])]
+        return DataCheck(self.name, "(generated)", classes,
+                         {k: Counter(str(int(t)) for t in ds.targets) for k, ds in splits.items()}, [])

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
+
+from blendtune.functional import classification_loss
 
 from blendtune.models import FUSED, LateFusionClassifier, ModelOutput
 from blendtune.registry import Registry
@@ -32,12 +33,12 @@ STRATEGIES: Registry = Registry("strategy")
 
 
 def head_losses(out: ModelOutput, targets: torch.Tensor, heads: list[str]) -> dict[str, torch.Tensor]:
-    return {h: F.cross_entropy(out.logits[h], targets) for h in heads}
+    return {h: classification_loss(out.logits[h], targets) for h in heads}
 
 
 def probe_loss(out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
     """Loss of the uni-modal heads when they read detached features: trains them, touches no encoder."""
-    return sum(F.cross_entropy(logits, targets) for head, logits in out.logits.items() if head != FUSED)
+    return sum(classification_loss(logits, targets) for head, logits in out.logits.items() if head != FUSED)
 
 
 class BalancingStrategy:
@@ -54,7 +55,7 @@ class BalancingStrategy:
         return None
 
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
-        return F.cross_entropy(out.logits[FUSED], targets)
+        return classification_loss(out.logits[FUSED], targets)
 
     def after_backward(self, out: ModelOutput, targets: torch.Tensor, epoch: int, step: int) -> None:
         pass

@@ -16,9 +16,8 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from blendtune.functional import gblend_weights, ogr
+from blendtune.functional import classification_loss, gblend_weights, ogr
 from blendtune.models import ModelOutput
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy, head_losses
 
@@ -87,7 +86,7 @@ class GBlend(BalancingStrategy):
         end = {"train": {}, "held_out": {}}
         for head in self.heads:
             model_copy = copy.deepcopy(self.model)
-            trainer.train_copy(model_copy, lambda out, y, h=head: F.cross_entropy(out.logits[h], y),
+            trainer.train_copy(model_copy, lambda out, y, h=head: classification_loss(out.logits[h], y),
                                epochs=self.super_epoch)
             losses = trainer.evaluate(model_copy).losses()
             end["train"][head], end["held_out"][head] = losses["train"][head], losses["held_out"][head]

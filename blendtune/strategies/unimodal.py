@@ -1,6 +1,7 @@
 """One modality alone: its encoder and head trained on its own loss; read its head's accuracy."""
 import torch
-import torch.nn.functional as F
+
+from blendtune.functional import classification_loss
 
 from blendtune.errors import UserError
 from blendtune.models import ModelOutput
@@ -23,4 +24,4 @@ class Unimodal(BalancingStrategy):
                             f"got {self.modality!r}")
 
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
-        return F.cross_entropy(out.logits[self.modality], targets)
+        return classification_loss(out.logits[self.modality], targets)

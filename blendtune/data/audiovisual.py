@@ -1,0 +1,233 @@
+"""Audio-visual datasets read from files: a catalog of clips (a WAV file, a folder of JPEG frames, labels),
+a dataset that decodes them lazily in DataLoader workers, and the file checks behind `blendtune data check`.
+
+CREMA-D (crema_d.py) and the Kinetics-Sounds / VGGSound CSV layout (av_csv.py) only say where their
+files are; everything else is here.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+import os
+import sys
+
+import soundfile
+import torch
+from torch.utils.data import Dataset, default_collate
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from blendtune.data.audio import LogSpectrogram, fit_to_window, read_clip
+from blendtune.data.base import DatasetAdapter, DataCheck, Problem, data_root
+from blendtune.errors import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Sample:
+    id: str
+    split: str
+    labels: tuple[str, ...]
+    audio: Path
+    frames: Path | None  # None: an audio-only sample
+    group: str | None = None
+
+
+@dataclass
+class Catalog:
+    samples: list[Sample]
+    classes: list[str]
+    multilabel: bool = False
+    problems: list[Problem] = field(default_factory=list)  # rows that name no usable sample
+
+
+@dataclass(frozen=True)
+class ClipOptions:
+    """How a clip becomes tensors: the audio window and spectrogram, the frames sampled and their size."""
+    sample_rate: int
+    window_s: float
+    n_fft: int
+    hop_length: int
+    n_mels: int = 0          # 0: log-magnitude STFT (OGM-GE); > 0: log-mel in dB
+    pad: str = "tile"        # a short clip is repeated (tile) or zero-padded (zero) to the window
+    num_frames: int = 1
+    image_size: int = 224
+
+    def spectrogram(self) -> LogSpectrogram:
+        return LogSpectrogram(self.sample_rate, self.n_fft, self.hop_length, self.n_mels)
+
+    @property
+    def window(self) -> int:
+        return int(round(self.window_s * self.sample_rate))
+
+
+def frame_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+
+
+def read_frame(path: Path) -> torch.Tensor:
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except Exception as e:
+        raise UserError(f"cannot decode JPEG file '{path}': {e}") from None
+
+
+def pick_frames(count: int, wanted: int, train: bool) -> list[int]:
+    """Training: a random sorted subset (as the OGM-GE code); evaluation: evenly spaced, deterministic."""
+    if train:
+        idx = torch.randperm(count)[:wanted] if count >= wanted else torch.randint(count, (wanted,))
+        return sorted(idx.tolist())
+    return torch.linspace(0, count - 1, wanted).round().long().tolist()
+
+
+def sample_problem(sample: Sample, decode: bool) -> Problem | None:
+    """The first thing wrong with a sample's files. decode=False reads only the WAV header and lists the
+    frame folder (cheap, done before training); decode=True decodes every file (`data check`)."""
+    if not sample.audio.is_file():
+        return Problem("missing file", str(sample.audio))
+    try:
+        if decode:
+            read_clip(sample.audio, soundfile.info(str(sample.audio)).samplerate)
+        elif soundfile.info(str(sample.audio)).frames == 0:
+            return Problem("undecodable WAV", str(sample.audio), "no samples")
+    except Exception as e:
+        return Problem("undecodable WAV", str(sample.audio), str(e).splitlines()[0])
+    if sample.frames is None:
+        return None
+    if not sample.frames.is_dir():
+        return Problem("missing frame folder", str(sample.frames))
+    frames = frame_files(sample.frames)
+    if not frames:
+        return Problem("empty frame folder", str(sample.frames), "no .jpg files")
+    if decode:
+        for path in frames:
+            try:
+                read_frame(path)
+            except UserError as e:
+                return Problem("undecodable JPEG", str(path), str(e).split(": ", 1)[-1])
+    return None
+
+
+def scan(samples: list[Sample], decode: bool) -> list[Problem | None]:
+    # Decoding is in C (libsndfile, libjpeg) and releases the GIL: threads scale.
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
+        return list(pool.map(lambda s: sample_problem(s, decode), samples))
+
+
+class AudioVisualDataset(Dataset):
+    """Item: ({'audio': (1, F, T) spectrogram or (L,) waveform, 'visual': (num_frames, 3, S, S)}, target).
+
+    With `spectrogram_on='device'` the loader returns waveforms and `device_transforms['audio']` turns a
+    batch of them into spectrograms in the training step. A file that fails to decode is named; with
+    `skip_bad` the item is dropped from its batch instead and counted (`collate_fn`)."""
+
+    def __init__(self, samples: list[Sample], classes: list[str], multilabel: bool, options: ClipOptions,
+                 train: bool, skip_bad: bool = False, spectrogram_on: str = "loader"):
+        self.samples, self.classes, self.multilabel = samples, classes, multilabel
+        self.options, self.train, self.skip_bad, self.spectrogram_on = options, train, skip_bad, spectrogram_on
+        self.num_classes = len(classes)
+        index = {c: i for i, c in enumerate(classes)}
+        if multilabel:
+            self.targets = torch.zeros(len(samples), len(classes))
+            for i, s in enumerate(samples):
+                self.targets[i, [index[c] for c in s.labels]] = 1.0
+        else:
+            self.targets = torch.tensor([index[s.labels[0]] for s in samples], dtype=torch.long)
+        groups = [s.group for s in samples]
+        self.groups = groups if samples and all(g is not None for g in groups) else None
+        self.default_encoders = {"audio": "resnet18", "visual": "resnet18"}
+        self.spectrogram = options.spectrogram()
+        self.device_transforms = {"audio": self.spectrogram} if spectrogram_on == "device" else {}
+        normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        size = options.image_size
+        self.frame_transform = v2.Compose(
+            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] + normalize if train
+            else [v2.Resize((size, size), antialias=True)] + normalize)
+
+    modalities = property(lambda self: ["audio", "visual"])
+
+    @property
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        spec = self.spectrogram(torch.zeros(1, self.options.window))
+        o = self.options
+        return {"audio": tuple(spec.shape[1:]), "visual": (o.num_frames, 3, o.image_size, o.image_size)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, indices) -> "AudioVisualDataset":
+        return AudioVisualDataset([self.samples[int(i)] for i in indices], self.classes, self.multilabel,
+                                  self.options, self.train, self.skip_bad, self.spectrogram_on)
+
+    def for_evaluation(self) -> "AudioVisualDataset":
+        """The same samples with evaluation transforms (held-out and train-loss measurements)."""
+        return AudioVisualDataset(self.samples, self.classes, self.multilabel, self.options, False,
+                                  self.skip_bad, self.spectrogram_on)
+
+    def load(self, sample: Sample) -> dict[str, torch.Tensor]:
+        o = self.options
+        wave = fit_to_window(read_clip(sample.audio, o.sample_rate), o.window, o.pad).clamp(-1.0, 1.0)
+        audio = wave if self.spectrogram_on == "device" else self.spectrogram(wave)
+        files = frame_files(sample.frames) if sample.frames.is_dir() else []
+        if not files:
+            raise UserError(f"frame folder '{sample.frames}' is missing or has no .jpg files")
+        frames = [self.frame_transform(read_frame(files[i])) for i in pick_frames(len(files), o.num_frames, self.train)]
+        return {"audio": audio, "visual": torch.stack(frames)}
+
+    def __getitem__(self, i: int):
+        try:
+            return self.load(self.samples[i]), self.targets[i]
+        except UserError:
+            if self.skip_bad:
+                return None
+            raise
+
+    @staticmethod
+    def collate_fn(items):
+        """Batch the good items; the third element counts the bad ones dropped (data.skip_bad)."""
+        good = [item for item in items if item is not None]
+        if not good:
+            return {}, torch.zeros(0, dtype=torch.long), len(items)
+        inputs, targets = default_collate(good)
+        return inputs, targets, len(items) - len(good)
+
+
+class AudioVisualAdapter(DatasetAdapter):
+    """Base of the file-based audio-visual layouts: a subclass only implements `catalog()`."""
+
+    def __init__(self, root: str | None = None, **options):
+        self.root = data_root(root)
+        paths = {k: options.pop(k) for k in list(options) if k not in ClipOptions.__dataclass_fields__}
+        self.paths = paths
+        self.options = ClipOptions(**options)
+
+    def catalog(self) -> Catalog:
+        raise NotImplementedError
+
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
+        catalog = self.catalog()
+        found = scan(catalog.samples, decode=False)
+        problems = catalog.problems + [p for p in found if p is not None]
+        if problems:
+            summary = (f"{len(problems)} bad sample(s) in '{self.root}' (first: {problems[0]}); "
+                       f"`blendtune data check {self.name} --root {self.root}` lists them all")
+            if not skip_bad:
+                raise UserError(f"{summary}, data.skip_bad=true trains without them")
+            print(f"blendtune: skipping {summary}", file=sys.stderr, flush=True)
+        good = [s for s, p in zip(catalog.samples, found) if p is None]
+        return tuple(AudioVisualDataset([s for s in good if s.split == split], catalog.classes, catalog.multilabel,
+                                        self.options, train=split == "train", skip_bad=skip_bad,
+                                        spectrogram_on=spectrogram_on)
+                     for split in SPLITS)
+
+    def check(self) -> DataCheck:
+        catalog = self.catalog()
+        counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
+        for s in catalog.samples:
+            counts[s.split].update(s.labels)
+        problems = catalog.problems + [p for p in scan(catalog.samples, decode=True) if p is not None]
+        return DataCheck(self.name, str(self.root), catalog.classes, counts, problems)

@@ -1,0 +1,53 @@
+"""Kinetics-Sounds / VGGSound style: one CSV lists every clip.
+
+    <root>/<csv>                 header `id,label,split` (optional `group` column); split is train or test
+    <root>/audio/<id>.wav
+    <root>/frames/<id>/*.jpg
+
+Classes are the labels found in the CSV (sorted) unless `classes` lists them. With `multilabel: true`
+(AudioSet-like) the label field holds several labels separated by `label_separator`; training then
+uses a sigmoid / binary cross-entropy per class and reports mAP.
+"""
+from __future__ import annotations
+
+import csv
+
+from blendtune.data.audiovisual import SPLITS, AudioVisualAdapter, Catalog, Sample
+from blendtune.data.base import DATASETS, Problem
+from blendtune.errors import UserError
+
+
+@DATASETS.register("av_csv")
+class AVCSV(AudioVisualAdapter):
+    name = "av_csv"
+
+    def catalog(self) -> Catalog:
+        p = self.paths
+        table = self.root / p["csv"]
+        if not table.is_file():
+            raise UserError(f"clip list not found: '{table}' (a CSV with header id,label,split; data.av_csv.csv names it)")
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+        missing = {"id", "label", "split"} - set(header)
+        if missing:
+            raise UserError(f"'{table}': missing column(s) {', '.join(sorted(missing))}; expected header id,label,split")
+        separator = p["label_separator"] if p["multilabel"] else None
+        declared = list(p["classes"])
+        samples, problems = [], []
+        for line, row in enumerate(rows, start=2):
+            where = f"{table}:{line}"
+            labels = tuple(x.strip() for x in (row["label"].split(separator) if separator else [row["label"]]) if x.strip())
+            unknown = [x for x in labels if declared and x not in declared]
+            if not labels or unknown:
+                problems.append(Problem("unknown label", where, f"{unknown or row['label']!r} not in data.av_csv.classes"
+                                        if unknown else "empty label"))
+                continue
+            if row["split"] not in SPLITS:
+                problems.append(Problem("bad row", where, f"split {row['split']!r}: expected train or test"))
+                continue
+            clip = row["id"].strip()
+            samples.append(Sample(clip, row["split"], labels, self.root / p["audio_dir"] / f"{clip}.wav",
+                                  self.root / p["frames_dir"] / clip, group=row.get("group") or None))
+        classes = declared or sorted({x for s in samples for x in s.labels})
+        return Catalog(samples, classes, multilabel=bool(p["multilabel"]), problems=problems)
