@@ -20,6 +20,15 @@ def strategy_label(cfg: ExperimentConfig) -> str:
     return f"unimodal:{cfg.unimodal.modality}" if cfg.strategy == "unimodal" else cfg.strategy
 
 
+def tune_trial_ids(experiment: Path) -> set[str] | None:
+    """The trials in Tune's newest experiment state (None if there is none)."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return None
+    data = json.loads(states[-1].read_text())
+    return {json.loads(entry[0] if isinstance(entry, list) else entry)["trial_id"] for entry in data["trial_data"]}
+
+
 def load_trials(run_dir: Path) -> list[dict]:
     base, _, _ = load_sweep(run_dir)
     storage = Path(json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"])
@@ -27,7 +36,10 @@ def load_trials(run_dir: Path) -> list[dict]:
     if not experiment.is_dir():
         raise UserError(f"no Tune results at '{experiment}' (reports read local storage)")
     trials = []
+    known = tune_trial_ids(experiment)
     for params in sorted(experiment.glob("*/params.json")):
+        if known is not None and not any(f"_{trial_id}_" in params.parent.name for trial_id in known):
+            continue  # started after Tune's last state save, then the driver died: resumed as a new trial
         sample = json.loads(params.read_text())
         cfg = with_overrides(base, trial_overrides(sample))
         by_epoch = {}

@@ -105,6 +105,61 @@ def _run_trial_on_train_workers(cfg, trial_dir, trial_id, trial_name, sweep_name
         raise result.error
 
 
+STATE_BACKUP = ".blendtune-state-backup"  # last complete copy of Tune's experiment state, per session file
+
+
+def _experiment_state_backup_callback(experiment: Path):
+    """Tune rewrites `experiment_state-*.json` in place; a driver killed mid-write leaves it empty and a
+    resume would then forget every trial. After each Tune step, a copy that parses is kept atomically."""
+    from ray import tune
+
+    class BackUpExperimentState(tune.Callback):
+        def __init__(self):
+            self.seen = None
+
+        def on_step_end(self, iteration, trials, **info):
+            states = sorted(experiment.glob("experiment_state-*.json"))
+            if not states:
+                return
+            newest = states[-1]
+            stat = newest.stat()
+            if (newest.name, stat.st_mtime_ns, stat.st_size) == self.seen:
+                return
+            text = newest.read_text()
+            try:
+                json.loads(text)
+            except ValueError:  # being written right now: the next step copies it
+                return
+            backup = experiment / STATE_BACKUP
+            backup.mkdir(exist_ok=True)
+            tmp = backup / f".{newest.name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(backup / newest.name)
+            self.seen = (newest.name, stat.st_mtime_ns, stat.st_size)
+
+    return BackUpExperimentState()
+
+
+def repair_experiment_state(experiment: Path) -> list[str]:
+    """Before a resume: an experiment state file that does not parse is replaced by its backup, or removed
+    (Tune then restores from the previous session's file). Returns what was repaired."""
+    repaired = []
+    for state in sorted(experiment.glob("experiment_state-*.json")):
+        try:
+            json.loads(state.read_text())
+            continue
+        except ValueError:
+            pass
+        backup = experiment / STATE_BACKUP / state.name
+        if backup.is_file():
+            backup.replace(state)
+            repaired.append(f"{state.name}: restored from its backup")
+        else:
+            state.unlink()
+            repaired.append(f"{state.name}: unreadable, removed")
+    return repaired
+
+
 def _release_train_workers_callback():
     from ray import tune
 
@@ -217,9 +272,15 @@ def _fit(cfg, space, run_dir, variants, resume, storage):
     from ray import tune
 
     trainable = _trainable(cfg, run_dir.name, storage)
+    callbacks = [_release_train_workers_callback()]
+    if "://" not in storage:
+        callbacks.append(_experiment_state_backup_callback(Path(storage) / EXPERIMENT))
     params = param_space(space, variants)
     experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
     if resume:
+        if "://" not in experiment:
+            for line in repair_experiment_state(Path(experiment)):
+                print(f"blendtune: Tune experiment state {line}", flush=True)
         if not tune.Tuner.can_restore(experiment):
             raise UserError(f"nothing to resume in '{run_dir}': no Tune experiment at {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
@@ -234,7 +295,7 @@ def _fit(cfg, space, run_dir, variants, resume, storage):
                                         num_samples=s.num_samples, max_concurrent_trials=max_concurrent,
                                         reuse_actors=cfg.workers == 1),  # no re-import of torch per trial
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
-                                      callbacks=[_release_train_workers_callback()],
+                                      callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if s.scheduler != "pbt" else 8),
                                       verbose=1))

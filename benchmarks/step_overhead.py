@@ -1,0 +1,138 @@
+"""Training-step overhead: a hand-written PyTorch loop vs blendtune's loop with each strategy.
+
+    python benchmarks/step_overhead.py --model avdigits --batch 64 --steps 40
+    python benchmarks/step_overhead.py --model resnet18 --batch 8 --steps 4 --repeats 3
+    python benchmarks/step_overhead.py --model resnet18 --device cuda --amp bf16 --batch 64 256   (GPU)
+
+Same model (encoders and concat fusion built by the same builders), same in-memory data, same
+optimizer, same precision. The bare loop shuffles, indexes a batch, runs forward / cross-entropy /
+backward / step. blendtune runs `Trainer.train_epoch`: its hooks, its uni-modal probe heads, its
+sampler. One epoch of each per round, alternated over rounds (after a warm-up round); medians.
+Writes benchmarks/results/step_overhead_<model>_<device>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate, median, timed, write  # noqa: E402
+
+from blendtune.config import load_config  # noqa: E402
+from blendtune.data import DATASETS, DatasetAdapter, MultimodalDataset  # noqa: E402
+from blendtune.loop import Trainer, build_optimizer  # noqa: E402
+from blendtune.models import build_encoder  # noqa: E402
+
+MODELS = {  # input shapes, encoder, encoder options, optimizer overrides
+    # the AV-digits experiments' model: log-mel 1x40x101 and MNIST 1x28x28, small CNNs, Adam
+    "avdigits": ({"audio": (1, 40, 101), "image": (1, 28, 28)}, "spec_cnn", {"dim": 64, "hidden": 16},
+                 ["optim.name=adam", "optim.lr=0.001"]),
+    # OGM-GE's CREMA-D model: ResNet-18 on the 1x257x188 spectrogram and on a 3x224x224 frame, SGD
+    "resnet18": ({"audio": (1, 257, 188), "visual": (1, 3, 224, 224)}, "resnet18", {"dim": 512, "hidden": 0},
+                 ["optim.name=sgd", "optim.lr=0.001", "optim.momentum=0.9"]),
+}
+NUM_CLASSES = 10
+
+
+class BenchTensors(DatasetAdapter):
+    """Random tensors at the model's shapes, already in memory."""
+    name = "bench_tensors"
+    shapes: dict = {}
+    size = 0
+
+    def build(self, skip_bad=False, spectrogram_on="loader"):
+        gen = torch.Generator().manual_seed(0)
+        inputs = {m: torch.randn(self.size, *s, generator=gen) for m, s in self.shapes.items()}
+        ds = MultimodalDataset(inputs, torch.randint(NUM_CLASSES, (self.size,), generator=gen), NUM_CLASSES)
+        return ds, ds.subset(range(NUM_CLASSES))
+
+
+DATASETS.register(BenchTensors.name)(BenchTensors)
+
+
+class BareModel(nn.Module):
+    def __init__(self, encoders: dict[str, nn.Module]):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.fc = nn.Linear(sum(e.out_dim for e in encoders.values()), NUM_CLASSES)
+
+    def forward(self, inputs):
+        return self.fc(torch.cat([self.encoders[m](inputs[m]) for m in self.encoders], dim=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=list(MODELS), default="avdigits")
+    parser.add_argument("--batch", type=int, nargs="+", default=[64])
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed epoch")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--strategies", nargs="+", default=["naive", "ogm", "ogm_ge", "gblend"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    shapes, encoder, enc_opts, optim = MODELS[args.model]
+    BenchTensors.shapes = shapes
+    table = ["| batch | loop | steps/s | samples/s | vs bare loop |", "|---|---|---|---|---|"]
+    payload = {"model": args.model, "device": str(device), "amp": args.amp, "steps": args.steps, "results": []}
+    for batch in args.batch:
+        BenchTensors.size = batch * args.steps
+        encoders_cfg = [f"model.encoders.{m}.{k}={v}" for m in shapes for k, v in
+                        {"name": encoder, "dim": enc_opts["dim"], "hidden": enc_opts["hidden"]}.items()]
+        base = ["data.dataset=bench_tensors", f"data.batch_size={batch}", "train.progress=false", "wandb=false",
+                f"train.device={args.device}", f"train.amp={args.amp}", "data.held_out_ratio=0", *optim, *encoders_cfg]
+        trainers = {}
+        for strategy in args.strategies:
+            extra = ["data.held_out_ratio=0.05"] if strategy == "gblend" else []  # gblend needs V; same batches
+            trainers[strategy] = Trainer(load_config(None, [*base, f"strategy={strategy}", *extra]))
+        data = trainers[args.strategies[0]].splits.train
+        inputs = {m: x.to(device) for m, x in data.inputs.items()}
+        targets = data.targets.to(device)
+        torch.manual_seed(0)
+        bare = BareModel({m: build_encoder(encoder, s, **enc_opts, dropout=0.0) for m, s in shapes.items()}).to(device)
+        bare_opt = build_optimizer(load_config(None, optim), bare.parameters())
+
+        def bare_epoch():
+            bare.train()
+            for idx in torch.randperm(len(targets), device=device).split(batch):
+                x = {m: v[idx] for m, v in inputs.items()}
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = F.cross_entropy(bare(x), targets[idx])
+                bare_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                bare_opt.step()
+            return args.steps
+
+        def blendtune_epoch(trainer):
+            trainer.train_epoch(1)
+            return len(trainer.train_loader)
+
+        runs = {"bare": bare_epoch, **{s: (lambda t=t: blendtune_epoch(t)) for s, t in trainers.items()}}
+        steps = {}
+        for name, run in runs.items():  # warm-up round: allocator, kernels, thread pools
+            steps[name] = run()
+
+        def rate(name):
+            return steps[name] / timed(runs[name], sync)
+        samples = alternate({name: (lambda n=name: rate(n)) for name in runs}, args.repeats)
+        bare_rate = median(samples["bare"])
+        for name, xs in samples.items():
+            payload["results"].append({"batch": batch, "loop": name, "steps_per_s": xs, "steps": steps[name]})
+            ratio = median(xs) / bare_rate
+            label = "bare PyTorch" if name == "bare" else f"blendtune {name}"
+            table.append(f"| {batch} | {label} | {median(xs):.2f} | {median(xs) * batch:.0f} | "
+                         f"{ratio:.3f} ({(ratio - 1) * 100:+.1f}%) |")
+    write(f"step_overhead_{args.model}_{device.type}", payload, table,
+          f"Model {args.model}, {args.steps} steps per timed epoch, median of {args.repeats} alternated rounds, "
+          f"precision {args.amp if args.amp != 'off' else 'fp32'}.")
+
+
+if __name__ == "__main__":
+    main()
