@@ -25,6 +25,7 @@ from common import alternate, median, timed, write  # noqa: E402
 
 from blendtune.config import load_config  # noqa: E402
 from blendtune.data import DATASETS, DatasetAdapter, MultimodalDataset  # noqa: E402
+from blendtune.data.base import held_out_indices  # noqa: E402
 from blendtune.loop import Trainer, build_optimizer  # noqa: E402
 from blendtune.models import build_encoder  # noqa: E402
 
@@ -46,13 +47,26 @@ class BenchTensors(DatasetAdapter):
     size = 0
 
     def build(self, skip_bad=False, spectrogram_on="loader"):
-        gen = torch.Generator().manual_seed(0)
+        targets = bench_targets(self.size)
+        gen = torch.Generator().manual_seed(1)
         inputs = {m: torch.randn(self.size, *s, generator=gen) for m, s in self.shapes.items()}
-        ds = MultimodalDataset(inputs, torch.randint(NUM_CLASSES, (self.size,), generator=gen), NUM_CLASSES)
+        ds = MultimodalDataset(inputs, targets, NUM_CLASSES)
         return ds, ds.subset(range(NUM_CLASSES))
 
 
 DATASETS.register(BenchTensors.name)(BenchTensors)
+
+
+def bench_targets(size: int) -> torch.Tensor:
+    return torch.randint(NUM_CLASSES, (size,), generator=torch.Generator().manual_seed(0))
+
+
+def size_with_held_out(train_size: int, ratio: float) -> int:
+    """The dataset size whose stratified held-out split leaves exactly `train_size` training samples."""
+    for size in range(train_size, 2 * train_size):
+        if len(held_out_indices(bench_targets(size).numpy(), ratio, seed=0)[0]) == train_size:
+            return size
+    raise ValueError(f"no dataset size leaves {train_size} training samples")
 
 
 class BareModel(nn.Module):
@@ -73,25 +87,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--strategies", nargs="+", default=["naive", "ogm", "ogm_ge", "gblend"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", default="off", choices=["off", "bf16"])
+    parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     shapes, encoder, enc_opts, optim = MODELS[args.model]
     BenchTensors.shapes = shapes
-    table = ["| batch | loop | steps/s | samples/s | vs bare loop |", "|---|---|---|---|---|"]
+    table = ["| batch | loop | steps/s | samples/s | vs bare loop (ratio of medians) | per-round ratio, quartiles |",
+             "|---|---|---|---|---|---|"]
     payload = {"model": args.model, "device": str(device), "amp": args.amp, "steps": args.steps, "results": []}
     for batch in args.batch:
-        BenchTensors.size = batch * args.steps
         encoders_cfg = [f"model.encoders.{m}.{k}={v}" for m in shapes for k, v in
                         {"name": encoder, "dim": enc_opts["dim"], "hidden": enc_opts["hidden"]}.items()]
         base = ["data.dataset=bench_tensors", f"data.batch_size={batch}", "train.progress=false", "wandb=false",
                 f"train.device={args.device}", f"train.amp={args.amp}", "data.held_out_ratio=0", *optim, *encoders_cfg]
         trainers = {}
         for strategy in args.strategies:
-            extra = ["data.held_out_ratio=0.05"] if strategy == "gblend" else []  # gblend needs V; same batches
+            BenchTensors.size = batch * args.steps
+            extra = []
+            if strategy == "gblend":  # gblend needs a held-out set V: more samples, the same training batches
+                BenchTensors.size = size_with_held_out(batch * args.steps, 0.05)
+                extra = ["data.held_out_ratio=0.05"]
             trainers[strategy] = Trainer(load_config(None, [*base, f"strategy={strategy}", *extra]))
+            assert len(trainers[strategy].splits.train) == batch * args.steps
         data = trainers[args.strategies[0]].splits.train
         inputs = {m: x.to(device) for m, x in data.inputs.items()}
         targets = data.targets.to(device)
@@ -126,12 +145,14 @@ def main() -> None:
         for name, xs in samples.items():
             payload["results"].append({"batch": batch, "loop": name, "steps_per_s": xs, "steps": steps[name]})
             ratio = median(xs) / bare_rate
+            paired = sorted(x / b for x, b in zip(xs, samples["bare"]))  # same round: same machine state
+            q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
             label = "bare PyTorch" if name == "bare" else f"blendtune {name}"
             table.append(f"| {batch} | {label} | {median(xs):.2f} | {median(xs) * batch:.0f} | "
-                         f"{ratio:.3f} ({(ratio - 1) * 100:+.1f}%) |")
+                         f"{ratio:.3f} ({(ratio - 1) * 100:+.1f}%) | {q1:.3f} - {q3:.3f} |")
     write(f"step_overhead_{args.model}_{device.type}", payload, table,
           f"Model {args.model}, {args.steps} steps per timed epoch, median of {args.repeats} alternated rounds, "
-          f"precision {args.amp if args.amp != 'off' else 'fp32'}.")
+          f"precision {args.amp}.")
 
 
 if __name__ == "__main__":

@@ -183,9 +183,11 @@ def train_command(args) -> Path:
 
     from blendtune.launch import train_locally, train_with_ray
     final = (train_with_ray if cfg.workers > 1 else train_locally)(cfg, run_dir, resume=bool(args.resume))
-    heads = [k.split("/")[-1] for k in final if k.startswith("acc/test/")]
-    if final:
-        print("final test accuracy: " + ", ".join(f"{h} {final[f'acc/test/{h}']:.4f}" for h in heads))
+    score = "acc" if any(k.startswith("acc/test/") for k in final) else "map"
+    heads = [k.split("/")[-1] for k in final if k.startswith(f"{score}/test/")]
+    if heads:
+        name = "accuracy" if score == "acc" else "mAP"
+        print(f"final test {name}: " + ", ".join(f"{h} {final[f'{score}/test/{h}']:.4f}" for h in heads))
     return run_dir
 
 

@@ -135,7 +135,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 10
     device: str = "auto"
-    amp: str = "auto"            # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16  ("off" would read as a YAML boolean)
     checkpoint_every: int = 1
     progress: bool = True
 
@@ -310,7 +310,7 @@ def _first_line(e: Exception) -> str:
 
 
 _CHOICES = {
-    "train.amp": ("auto", "off", "bf16", "fp16"),
+    "train.amp": ("auto", "fp32", "bf16", "fp16"),
     "data.spectrogram_on": ("loader", "device"),
     "data.crema_d.pad": ("tile", "zero"),
     "data.av_csv.pad": ("tile", "zero"),

@@ -114,11 +114,12 @@ def gradient_stds(grads: Sequence[Tensor]) -> list[Tensor]:
 
 
 def modulate_gradients_(grads: Sequence[Tensor], coeff: Tensor | float, noise_scale: float = 0.0,
-                        generator: torch.Generator | None = None) -> None:
+                        generator: torch.Generator | None = None, workspace: Tensor | None = None) -> None:
     """In place: g <- coeff * g + eps, eps ~ N(0, (noise_scale * std(g_unmodulated))^2) per tensor.
 
     With noise_scale == 0 this is plain OGM; otherwise OGM-GE. The noise is drawn with one call from
-    `generator`, so ranks that seed it identically add identical noise.
+    `generator`, so ranks that seed it identically add identical noise. `workspace` (as many elements
+    as the gradients, their device and dtype) receives the noise instead of a fresh allocation per step.
     """
     grads = list(grads)
     if not grads:
@@ -128,7 +129,8 @@ def modulate_gradients_(grads: Sequence[Tensor], coeff: Tensor | float, noise_sc
     if stds is None:
         return
     total = sum(g.numel() for g in grads)
-    flat = torch.randn(total, generator=generator, device=grads[0].device, dtype=grads[0].dtype)
+    flat = workspace if workspace is not None else torch.empty(total, device=grads[0].device, dtype=grads[0].dtype)
+    flat.normal_(generator=generator)  # the same numbers torch.randn would draw
     noise = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
     torch._foreach_mul_(noise, [s * noise_scale for s in stds])
     torch._foreach_add_(grads, noise)

@@ -133,8 +133,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks = list(callbacks)
         self.device = resolve_device(cfg.train.device)
-        amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off")
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         torch.manual_seed(cfg.seed)
 
         data_args = asdict(getattr(cfg.data, cfg.data.dataset)) if hasattr(cfg.data, cfg.data.dataset) else {}

@@ -59,8 +59,14 @@ def load_trials(run_dir: Path) -> list[dict]:
     return trials
 
 
-def heads_of(trials: list[dict]) -> list[str]:
-    keys = {k for t in trials for row in t["history"] for k in row if k.startswith("acc/test/")}
+def score_of(trials: list[dict]) -> str:
+    """acc for single-label data, map (mean average precision) for multi-label."""
+    multilabel = any(k.startswith("map/test/") for t in trials for row in t["history"][-1:] for k in row)
+    return "map" if multilabel else "acc"
+
+
+def heads_of(trials: list[dict], score: str = "acc") -> list[str]:
+    keys = {k for t in trials for row in t["history"] for k in row if k.startswith(f"{score}/test/")}
     heads = sorted(k.split("/")[-1] for k in keys)
     return [h for h in heads if h not in ("fused", "ensemble")] + [h for h in ("fused", "ensemble") if h in heads]
 
@@ -74,28 +80,30 @@ def _mean_std(values: list[float]) -> str:
 
 def write_report(run_dir: Path) -> Path:
     trials = load_trials(run_dir)
-    heads = heads_of(trials)
+    score = score_of(trials)
+    heads = heads_of(trials, score)
     with (run_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial", "strategy", "seed", "epochs"] + [f"final_acc_{h}" for h in heads]
-                        + [f"best_acc_{h}" for h in heads])
+        writer.writerow(["trial", "strategy", "seed", "epochs"] + [f"final_{score}_{h}" for h in heads]
+                        + [f"best_{score}_{h}" for h in heads])
         for t in trials:
             h = t["history"]
-            final = [h[-1].get(f"acc/test/{x}", "") if h else "" for x in heads]
-            best = [max((r.get(f"acc/test/{x}", 0.0) for r in h), default="") for x in heads]
+            final = [h[-1].get(f"{score}/test/{x}", "") if h else "" for x in heads]
+            best = [max((r.get(f"{score}/test/{x}", 0.0) for r in h), default="") for x in heads]
             writer.writerow([t["trial"], t["label"], t["seed"], len(h)] + final + best)
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for t in trials:
         groups[t["label"]].append(t)
-    lines = [f"# {run_dir.name}", "", "Test accuracy (%) of the last epoch, mean ± std over seeds. `prediction` is the "
+    what = "Test accuracy (%)" if score == "acc" else "Test mAP (%)"
+    lines = [f"# {run_dir.name}", "", f"{what} of the last epoch, mean ± std over seeds. `prediction` is the "
              "fused head, or the trained modality's head for `unimodal:`.", "",
              "| strategy | trials | epochs | prediction | " + " | ".join(heads) + " |",
              "|---|---|---|---|" + "---|" * len(heads)]
     for label, ts in groups.items():
         done = [t for t in ts if t["history"]]
-        pred = [t["history"][-1][f"acc/test/{t['prediction_head']}"] for t in done]
-        cells = [_mean_std([t["history"][-1][f"acc/test/{h}"] for t in done if f"acc/test/{h}" in t["history"][-1]])
+        pred = [t["history"][-1][f"{score}/test/{t['prediction_head']}"] for t in done]
+        cells = [_mean_std([t["history"][-1][f"{score}/test/{h}"] for t in done if f"{score}/test/{h}" in t["history"][-1]])
                  for h in heads]
         epochs = "/".join(sorted({str(len(t["history"])) for t in ts}))
         lines.append(f"| {label} | {len(ts)} | {epochs} | {_mean_std(pred)} | " + " | ".join(cells) + " |")

@@ -33,7 +33,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class EpochTable:
-    """epoch | test accuracy per head | blend weights or OGM coefficients | seconds."""
+    """epoch | test accuracy (mAP when multi-label) per head | blend weights or OGM coefficients | seconds."""
 
     def __init__(self, heads: list[str], stream=sys.stdout):
         self.heads = heads
@@ -48,7 +48,8 @@ class EpochTable:
             print("  ".join(f"{c:>10}" for c in cols), file=self.stream)
             self.printed_header = True
         values = [f"{metrics['epoch']:>10d}"]
-        values += [f"{metrics.get(f'acc/test/{h}', float('nan')):>10.4f}" for h in self.heads + ["ensemble"]]
+        score = "acc" if f"acc/test/{self.heads[0]}" in metrics else "map"
+        values += [f"{metrics.get(f'{score}/test/{h}', float('nan')):>10.4f}" for h in self.heads + ["ensemble"]]
         values += [f"{metrics[k]:>10.3f}" for k in extra]
         values.append(f"{metrics.get('time/epoch_s', 0.0):>10.1f}")
         print("  ".join(values), file=self.stream, flush=True)

@@ -77,3 +77,9 @@ def test_search_space_errors():
         validate_space(parse_space({"gblend.super_epoch": {"choice": [1, "two"]}}, "s"))
     with pytest.raises(UserError, match="expected one of"):
         parse_space({"optim.lr": {"normal": [0, 1]}}, "s")
+
+
+def test_amp_choices_survive_yaml_parsing_of_the_command_line():
+    assert load_config(None, ["train.amp=fp32"]).train.amp == "fp32"
+    with pytest.raises(UserError, match="train.amp"):
+        load_config(None, ["train.amp=off"])  # YAML reads off as false: named, not silently wrong
