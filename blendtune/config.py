@@ -179,7 +179,7 @@ class SweepConfig:
     grace_period: int = 2        # ASHA: epochs every trial gets before it can be stopped
     reduction_factor: int = 2    # ASHA
     perturbation_interval: int = 2  # PBT: epochs between exploit/explore steps
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Optional[float] = None  # unset: 1 per worker in sweeps; `train workers=N` splits the CPUs
     storage_path: Optional[str] = None  # where trials and checkpoints live; s3://... or gs://... on a cluster
     address: Optional[str] = None       # Ray cluster address; unset: $RAY_ADDRESS, else a local Ray
 
@@ -359,6 +359,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"config key 'optim.lr': expected a positive learning rate, got {cfg.optim.lr}")
     if cfg.ogm.noise_scale < 0 or cfg.ogm.alpha < 0:
         raise UserError("config keys 'ogm.alpha' and 'ogm.noise_scale' must be >= 0")
+    if cfg.sweep.cpus_per_worker is not None and cfg.sweep.cpus_per_worker <= 0:
+        raise UserError(f"config key 'sweep.cpus_per_worker': expected > 0, got {cfg.sweep.cpus_per_worker}")
     if cfg.gblend.warmup < 0:
         raise UserError(f"config key 'gblend.warmup': expected >= 0, got {cfg.gblend.warmup}")
     if cfg.strategy == "unimodal" and not cfg.unimodal.modality:

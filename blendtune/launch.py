@@ -112,8 +112,19 @@ def _placement_group_id() -> str:
     return pg or ""
 
 
+def worker_cpus(cfg: ExperimentConfig, node_cpus: list[float] | None = None) -> float:
+    """CPUs (and so torch threads: Ray sets OMP_NUM_THREADS to them) per Ray worker. `sweep.cpus_per_worker`
+    if set; otherwise 1 in a sweep (many trials share the machine) and, for one `train workers=N` run, the
+    cluster's CPUs split among its workers, at most one node's worth each (1 thread each would waste them)."""
+    if cfg.sweep.cpus_per_worker is not None:
+        return cfg.sweep.cpus_per_worker
+    if not node_cpus:
+        return 1.0
+    return float(max(1, min(int(max(node_cpus)), int(sum(node_cpus) // cfg.workers))))
+
+
 def torch_trainer(cfg: ExperimentConfig, loop_config: dict, name: str, storage_path: str, callbacks=(),
-                  max_failures: int | None = None):
+                  max_failures: int | None = None, cpus_per_worker: float | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -123,7 +134,7 @@ def torch_trainer(cfg: ExperimentConfig, loop_config: dict, name: str, storage_p
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), **loop_config},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.sweep.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+                                     resources_per_worker={"CPU": cpus_per_worker or worker_cpus(cfg), **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.max_failures if max_failures is None else max_failures,
                                                            controller_failure_limit=3),
@@ -148,13 +159,15 @@ def init_ray(address: str | None, num_cpus: int | None = None, log_to_driver: bo
 def train_with_ray(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> dict:
     """`blendtune train workers=N`: one Ray Train run (DDP) whose rank 0 writes the run directory."""
     import ray
-    started = init_ray(cfg.sweep.address, num_cpus=max(os.cpu_count() or 1, int(cfg.workers * cfg.sweep.cpus_per_worker)))
+    started = init_ray(cfg.sweep.address, num_cpus=max(os.cpu_count() or 1, int(cfg.workers * worker_cpus(cfg))))
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     loop_config = {"log_dir": str(run_dir.resolve()), "local_checkpoints": True, "run_id": run_dir.name,
                    "run_name": run_dir.name, "table": True}
     if resume and (run_dir / CHECKPOINT).is_file():
         loop_config["resume_from"] = str((run_dir / CHECKPOINT).resolve())
     try:
-        result = torch_trainer(cfg, loop_config, name="ray_train", storage_path=str(run_dir.resolve())).fit()
+        result = torch_trainer(cfg, loop_config, name="ray_train", storage_path=str(run_dir.resolve()),
+                               cpus_per_worker=worker_cpus(cfg, node_cpus)).fit()
     finally:
         if started:
             ray.shutdown()

@@ -17,7 +17,7 @@ import torch
 from blendtune.config import ExperimentConfig, config_from_dict, to_dict, to_yaml, with_overrides
 from blendtune.errors import TrainingDiverged, UserError
 from blendtune.launch import (close_loggers, epoch_loggers, init_ray, load_ray_checkpoint, save_ray_checkpoint,
-                              torch_trainer)
+                              torch_trainer, worker_cpus)
 from blendtune.loop import Trainer
 from blendtune.runs import CONFIG_FILE
 from blendtune.search_space import Distribution, validate_space
@@ -225,7 +225,7 @@ def _trainable(cfg: ExperimentConfig, sweep_name: str, storage: str):
                                      train_storage=f"{storage.rstrip('/')}/train_runs")
     if cfg.workers > 1:  # the trial only drives its TorchTrainer; the workers hold the resources
         return tune.with_resources(trainable, {"cpu": 0.001})
-    return tune.with_resources(trainable, {"cpu": cfg.sweep.cpus_per_worker, "gpu": 1 if use_gpu else 0})
+    return tune.with_resources(trainable, {"cpu": worker_cpus(cfg), "gpu": 1 if use_gpu else 0})
 
 
 def _trials_that_fit(cfg: ExperimentConfig) -> int | None:
@@ -235,7 +235,7 @@ def _trials_that_fit(cfg: ExperimentConfig) -> int | None:
     if cfg.workers == 1:
         return None
     cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus * 0.99 // (cfg.workers * cfg.sweep.cpus_per_worker)))  # 0.99: the trials' own 0.001 CPU
+    return max(1, int(cpus * 0.99 // (cfg.workers * worker_cpus(cfg))))  # 0.99: the trials' own 0.001 CPU
 
 
 def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], variants: list[dict] | None,

@@ -83,3 +83,16 @@ def test_amp_choices_survive_yaml_parsing_of_the_command_line():
     assert load_config(None, ["train.amp=fp32"]).train.amp == "fp32"
     with pytest.raises(UserError, match="train.amp"):
         load_config(None, ["train.amp=off"])  # YAML reads off as false: named, not silently wrong
+
+
+def test_worker_cpus_split_the_machine_for_one_run_and_default_to_one_in_sweeps():
+    from blendtune.launch import worker_cpus
+    cfg = load_config(None, ["workers=2"])
+    assert worker_cpus(cfg) == 1.0                       # a sweep: many trials share the CPUs
+    assert worker_cpus(cfg, [16.0]) == 8.0               # one `train workers=2` run on a 16-core machine
+    assert worker_cpus(cfg, [2.0]) == 1.0
+    assert worker_cpus(load_config(None, ["workers=4"]), [8.0, 8.0]) == 4.0
+    assert worker_cpus(load_config(None, ["workers=2"]), [8.0, 8.0, 8.0]) == 8.0  # at most one node's worth
+    assert worker_cpus(load_config(None, ["workers=2", "sweep.cpus_per_worker=0.5"]), [16.0]) == 0.5
+    with pytest.raises(UserError, match="sweep.cpus_per_worker"):
+        load_config(None, ["sweep.cpus_per_worker=0"])
