@@ -62,7 +62,7 @@ def main() -> None:
     sweep = ["sweep.search=grid", "sweep.scheduler=none", "sweep.num_samples=1"]
     variants = {
         "no Ray (blendtune train)": lambda: plain(config(args.epochs, tmp), ray_train=False),
-        "Ray Train, 1 worker (1 CPU)": lambda: plain(config(args.epochs, tmp), ray_train=True),
+        "Ray Train, 1 worker (CPUs split: all 2)": lambda: plain(config(args.epochs, tmp), ray_train=True),
         "Tune trial, 1 CPU": lambda: tune_trial(config(args.epochs, tmp, *sweep)),
         "Tune trial, 2 CPUs": lambda: tune_trial(config(args.epochs, tmp, *sweep, "sweep.cpus_per_worker=2")),
     }

@@ -6,6 +6,7 @@ Strategies call these; tests call them directly with hand-computed values. The s
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
@@ -113,13 +114,29 @@ def gradient_stds(grads: Sequence[Tensor]) -> list[Tensor]:
     return [g.std() if g.numel() > 1 else g.new_zeros(()) for g in grads]
 
 
+_NOISE_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blendtune-noise")
+
+
+def fill_normal_(flat: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> None:
+    """N(0, 1) into `flat`; with k generators, chunk i comes from generator i (same values for any
+    thread count, so ranks agree)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        flat.normal_(generator=generator)
+        return
+    chunks = flat.chunk(len(generator))
+    list(_NOISE_THREADS.map(lambda pair: pair[0].normal_(generator=pair[1]), zip(chunks, generator)))
+
+
 def modulate_gradients_(grads: Sequence[Tensor], coeff: Tensor | float, noise_scale: float = 0.0,
-                        generator: torch.Generator | None = None, workspace: Tensor | None = None) -> None:
+                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                        workspace: Tensor | None = None) -> None:
     """In place: g <- coeff * g + eps, eps ~ N(0, (noise_scale * std(g_unmodulated))^2) per tensor.
 
-    With noise_scale == 0 this is plain OGM; otherwise OGM-GE. The noise is drawn with one call from
-    `generator`, so ranks that seed it identically add identical noise. `workspace` (as many elements
-    as the gradients, their device and dtype) receives the noise instead of a fresh allocation per step.
+    With noise_scale == 0 this is plain OGM; otherwise OGM-GE. The noise is drawn from `generator`, so
+    ranks that seed it identically add identical noise. Several CPU generators fill as many equal
+    chunks of the noise in parallel threads (torch draws normals single-threaded; tens of millions per
+    step). `workspace` (as many elements as the gradients, their device and dtype) receives the noise
+    instead of a fresh allocation per step.
     """
     grads = list(grads)
     if not grads:
@@ -130,7 +147,7 @@ def modulate_gradients_(grads: Sequence[Tensor], coeff: Tensor | float, noise_sc
         return
     total = sum(g.numel() for g in grads)
     flat = workspace if workspace is not None else torch.empty(total, device=grads[0].device, dtype=grads[0].dtype)
-    flat.normal_(generator=generator)  # the same numbers torch.randn would draw
+    fill_normal_(flat, generator)
     noise = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
     torch._foreach_mul_(noise, [s * noise_scale for s in stds])
     torch._foreach_add_(grads, noise)

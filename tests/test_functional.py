@@ -105,3 +105,18 @@ def test_ge_noise_identical_for_identical_generator_seeds():
 
 def test_gradient_stds_single_element_is_zero():
     assert gradient_stds([torch.tensor([3.0])])[0].item() == 0.0
+
+
+def test_ge_noise_from_chunked_generators_is_deterministic_and_standard_normal():
+    def draw():
+        grads = [torch.ones(300, 300) * 2.0, torch.ones(7) * 2.0]
+        grads[0][0, 0] = 0.0  # a nonzero std
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(4)]
+        modulate_gradients_(grads, 1.0, 1.0, gens, workspace=torch.empty(300 * 300 + 7))
+        return grads
+    a, b = draw(), draw()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    std = torch.tensor([[2.0] * 300] * 300)
+    std[0, 0] = 0.0
+    noise = (a[0] - std) / std.std()
+    assert abs(noise.mean().item()) < 0.01 and noise.std().item() == pytest.approx(1.0, rel=0.02)

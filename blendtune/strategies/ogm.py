@@ -72,11 +72,16 @@ class OGM(BalancingStrategy):
             buf = self._workspaces[modality] = torch.empty(total, device=grads[0].device, dtype=grads[0].dtype)
         return buf
 
-    def _noise_generator(self, device: torch.device, step: int) -> torch.Generator:
+    NOISE_CHUNKS_ON_CPU = 4  # fixed (not the thread count), so every rank draws the same noise
+
+    def _noise_generator(self, device: torch.device, step: int) -> list[torch.Generator]:
         # Seeded by (seed, step) alone, so every rank draws the same noise and replicas stay identical.
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-        return self.generator.manual_seed(self.seed * 1_000_003 + step)
+        # On CPU the noise is drawn in parallel chunks, one generator each; one suffices on a GPU.
+        chunks = 1 if device.type == "cuda" else self.NOISE_CHUNKS_ON_CPU
+        if self.generator is None or self.generator[0].device != device:
+            self.generator = [torch.Generator(device=device) for _ in range(chunks)]
+        base = (self.seed * 1_000_003 + step) * chunks
+        return [g.manual_seed(base + i) for i, g in enumerate(self.generator)]
 
     def epoch_metrics(self) -> dict[str, float]:
         if not self._steps:
