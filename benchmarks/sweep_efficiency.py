@@ -1,9 +1,10 @@
 """Sweep efficiency: ASHA + Optuna vs random search, same trial budget, same space, on AV-digits.
 
     BLENDTUNE_DATA_ROOT=../shared/data python benchmarks/sweep_efficiency.py --trials 12 --epochs 8
+    ... --space search_spaces/ogm.yaml --seed 1 --name sweep_efficiency_ogm_seed1   (held-out set fixed)
 
-Both sweeps run `experiments/avdigits_ogm_ge.yaml` over `search_spaces/balancing_knobs.yaml`
-(OGM alpha / noise, held-out ratio, lr, batch size). The target is the best held-out fused accuracy
+Both sweeps run `experiments/avdigits_ogm_ge.yaml` over `--space` (default
+`search_spaces/balancing_knobs.yaml`: OGM alpha / noise, held-out ratio, lr, batch size). The target is the best held-out fused accuracy
 either sweep found (the metric the sweeps select on); for each sweep: trial-epochs spent, in the order
 Tune received them, until some trial came within 1 point of it, and trial-epochs spent in all.
 Writes benchmarks/results/sweep_efficiency.{json,md}.
@@ -24,9 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 METRIC = "acc/held_out/fused"
 
 
-def run_sweep(name: str, out: Path, trials: int, epochs: int, seed: int, extra: list[str]) -> Path:
-    args = [sys.executable, "-m", "blendtune.cli", "sweep", "experiments/avdigits_ogm_ge.yaml",
-            "--space", "search_spaces/balancing_knobs.yaml", f"sweep.num_samples={trials}", f"train.epochs={epochs}",
+def run_sweep(name: str, out: Path, trials: int, epochs: int, seed: int, extra: list[str], space: str) -> Path:
+    args = [sys.executable, "-m", "blendtune.cli", "sweep", "experiments/avdigits_ogm_ge.yaml", "--space", space, f"sweep.num_samples={trials}", f"train.epochs={epochs}",
             f"seed={seed}", "wandb=false", f"output_dir={out / name}", *extra]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--space", default="search_spaces/balancing_knobs.yaml")
+    parser.add_argument("--name", default="sweep_efficiency", help="results/<name>.{json,md}")
     parser.add_argument("--from-json", help="only rebuild the table from results/sweep_efficiency.json")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="sweep-efficiency-")) if not args.from_json else None
@@ -64,7 +66,7 @@ def main() -> None:
         rows = {name: sweep["rows"] for name, sweep in saved["sweeps"].items()}
     else:
         rows = {name: reported_rows(run_sweep(name.split(",")[0].replace(" + ", "_").replace(" ", "_"), out,
-                                              args.trials, args.epochs, args.seed, extra))
+                                              args.trials, args.epochs, args.seed, extra, args.space))
                 for name, extra in sweeps.items()}
     best = max(r["acc"] for rs in rows.values() for r in rs)
     budget = min(len(rs) for rs in rows.values())  # the smaller sweep's trial-epochs: an equal budget
@@ -80,9 +82,10 @@ def main() -> None:
         payload["sweeps"][name] = {"epochs_to_target": reached, "epochs_total": len(rs), "best": top, "rows": rs}
         table.append(f"| {name} | {reached if reached else 'not reached'} | {len(rs)} | "
                      f"{early['acc'] * 100:.1f} ({early['test'] * 100:.1f}) | {top['acc'] * 100:.1f} ({top['test'] * 100:.1f}) |")
-    write("sweep_efficiency", payload, table,
+    payload["space"], payload["seed"] = args.space, args.seed
+    write(args.name, payload, table,
           f"{args.trials} trials of up to {args.epochs} epochs each, experiments/avdigits_ogm_ge.yaml over "
-          f"search_spaces/balancing_knobs.yaml, sweep seed {args.seed}; 1 CPU per trial.")
+          f"{args.space}, sweep seed {args.seed}; 1 CPU per trial.")
 
 
 if __name__ == "__main__":
