@@ -63,16 +63,13 @@ def data_command(args) -> int:
         from blendtune.data.download import FSDD_URL, download_fsdd
         print(download_fsdd(Path(args.root), url=args.url or FSDD_URL))
         return 0
-    from dataclasses import asdict
-    from blendtune.config import load_config
+    from blendtune.config import dataset_options, load_config
     from blendtune.data import DATASETS
     if args.dataset.endswith((".yaml", ".yml")):
         cfg = load_config(args.dataset, args.overrides)
     else:
         cfg = load_config(None, [f"data.dataset={args.dataset}", *args.overrides])
-    name = cfg.data.dataset
-    options = asdict(getattr(cfg.data, name)) if hasattr(cfg.data, name) else {}
-    report = DATASETS.get(name)(root=args.root or cfg.data.root, **options).check()
+    report = DATASETS.get(cfg.data.dataset)(root=args.root or cfg.data.root, **dataset_options(cfg)).check()
     print(report.format())
     return 1 if report.problems else 0
 

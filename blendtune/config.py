@@ -5,7 +5,7 @@ This is the only module that touches OmegaConf objects. `load_config` returns pl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -255,6 +255,12 @@ def with_overrides(config: ExperimentConfig, overrides: dict[str, object]) -> Ex
 
 
 _MISSING = object()
+
+
+def dataset_options(config: ExperimentConfig) -> dict:
+    """The options section `data.<dataset>` of the chosen dataset as keyword arguments for its adapter."""
+    section = getattr(config.data, config.data.dataset, None)
+    return asdict(section) if section is not None else {}
 
 
 def to_yaml(config: ExperimentConfig) -> str:

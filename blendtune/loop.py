@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from blendtune import distributed
 from blendtune.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from blendtune.config import ExperimentConfig
+from blendtune.config import ExperimentConfig, dataset_options
 from blendtune.data import MultimodalDataset, build_splits
 from blendtune.errors import TrainingDiverged, UserError
 from blendtune.functional import average_precision, classification_loss, ogr
@@ -137,8 +137,7 @@ class Trainer:
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         torch.manual_seed(cfg.seed)
 
-        data_args = asdict(getattr(cfg.data, cfg.data.dataset)) if hasattr(cfg.data, cfg.data.dataset) else {}
-        self.splits = build_splits(cfg.data.dataset, {**data_args, "root": cfg.data.root}, cfg.data.held_out_ratio,
+        self.splits = build_splits(cfg.data.dataset, {**dataset_options(cfg), "root": cfg.data.root}, cfg.data.held_out_ratio,
                                    cfg.data.held_out_by_group, cfg.data.train_eval_size, cfg.seed,
                                    skip_bad=cfg.data.skip_bad, spectrogram_on=cfg.data.spectrogram_on)
         # e.g. spectrograms computed from waveform batches in the step (data.spectrogram_on=device)
@@ -172,9 +171,6 @@ class Trainer:
 
     def _to_device(self, batch):
         inputs, targets = batch[:2]  # file datasets add a third element: bad samples dropped (data.skip_bad)
-        if len(targets) == 0 and distributed.is_distributed():
-            raise UserError("every sample of a batch was bad (data.skip_bad): with several workers that "
-                            "would desynchronise DDP; fix the files `blendtune data check` lists")
         nb = self.device.type == "cuda"
         inputs = {m: x.to(self.device, non_blocking=nb) for m, x in inputs.items()}
         with torch.no_grad():
@@ -227,6 +223,9 @@ class Trainer:
             inputs, targets = self._to_device(batch)
             self.skipped += batch[2] if len(batch) == 3 else 0
             if len(targets) == 0:  # every sample in it was bad and skipped
+                if distributed.is_distributed():  # the other ranks would wait in this step's all-reduce
+                    raise UserError("every sample of a batch was bad (data.skip_bad): with several workers that "
+                                    "would desynchronise DDP; fix the files `blendtune data check` lists")
                 continue
             masks = strategy.modality_masks(targets)
             with self._autocast():

@@ -45,9 +45,8 @@ def test_crema_d_defaults_give_ogm_ge_spectrogram_shape(tmp_path):
 
 
 def _options(name, *overrides):
-    from dataclasses import asdict
-    cfg = load_config(None, [f"data.dataset={name}", *overrides])
-    return asdict(getattr(cfg.data, name))
+    from blendtune.config import dataset_options
+    return dataset_options(load_config(None, [f"data.dataset={name}", *overrides]))
 
 
 def test_device_side_spectrogram_equals_loader_side(tmp_path):
@@ -207,3 +206,14 @@ def test_every_jpeg_writer_frame_decodes(tmp_path):
     write_frames(tmp_path / "f", 2, 100)
     from blendtune.data.audiovisual import read_frame
     assert read_frame(tmp_path / "f" / "000.jpg").shape == (3, 24, 32)
+
+
+def test_avdigits_skip_bad_drops_an_undecodable_clip(tmp_path, capfd):
+    from conftest import make_tiny_avdigits
+    make_tiny_avdigits(tmp_path, broken="1_cid_3.wav")
+    options = {**_options("avdigits", "data.avdigits.test_speakers=[cid]"), "root": str(tmp_path)}
+    with pytest.raises(Exception, match="1_cid_3.wav"):
+        DATASETS.get("avdigits")(**options).build()
+    train, test = DATASETS.get("avdigits")(**options).build(skip_bad=True)
+    assert len(train) == 8 and len(test) == 4  # 12 good clips; the broken cid clip is gone
+    assert "skipping 1 bad clip" in capfd.readouterr().err

@@ -107,12 +107,19 @@ def avdigits(test_speakers: list[str], window_s: float, sample_rate: int, n_fft:
     base = data_root(root)
     problems: list[Problem] = []
     clips = list_clips(base / "fsdd" / "recordings", problems if skip_bad else None)
-    if skip_bad:
-        found = scan([Sample(p.stem, "", (), p, None) for p, _, _ in clips], decode=True)
-        problems += [p for p in found if p is not None]
-        clips = [c for c, p in zip(clips, found) if p is None]
-        if problems:
-            print(f"blendtune: skipping {len(problems)} bad clip(s) (first: {problems[0]})", file=sys.stderr)
+    length = int(round(window_s * sample_rate))
+    waves, good = [], []
+    for clip in clips:  # each clip decoded once; a bad one is an error, or skipped with skip_bad
+        try:
+            waves.append(fit_to_window(read_clip(clip[0], sample_rate), length))
+            good.append(clip)
+        except UserError as e:
+            if not skip_bad:
+                raise
+            problems.append(Problem("undecodable WAV", str(clip[0]), str(e)))
+    clips = good
+    if problems:
+        print(f"blendtune: skipping {len(problems)} bad clip(s) (first: {problems[0]})", file=sys.stderr)
     images, labels = load_mnist(base / "mnist" / "mnist5k.npz")
     speakers = np.array([s for _, _, s in clips])
     unknown = sorted(set(test_speakers) - set(speakers))
@@ -120,9 +127,7 @@ def avdigits(test_speakers: list[str], window_s: float, sample_rate: int, n_fft:
         raise UserError(f"config key 'data.avdigits.test_speakers': no clips from {unknown}; "
                         f"speakers found: {sorted(set(speakers.tolist()))}")
     digits = np.array([d for _, d, _ in clips])
-    length = int(round(window_s * sample_rate))
-    waves = torch.stack([fit_to_window(read_clip(p, sample_rate), length) for p, _, _ in clips])
-    audio = log_mel(waves, sample_rate, n_fft, hop_length, n_mels)
+    audio = log_mel(torch.stack(waves), sample_rate, n_fft, hop_length, n_mels)
     image = torch.from_numpy(images[pair_images(digits, labels, pairing_seed)]).unsqueeze(1) / 255.0
     image = TF.normalize(image, [MNIST_MEAN], [MNIST_STD])
 
