@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from blendtune.config import load_config
-from blendtune.loop import Trainer
+from blendtune.worker import build_trainer
 
 RUNS = {  # label: (experiment, overrides, head that is the prediction)
     "audio only": ("avdigits_unimodal_audio", [], "audio"),
@@ -46,7 +46,7 @@ def main() -> None:
             cfg = load_config(REPO / "experiments" / f"{experiment}.yaml",
                               overrides + [f"seed={seed}", f"train.epochs={args.epochs}", "train.progress=false"])
             began = time.perf_counter()
-            trainer = Trainer(cfg)
+            trainer = build_trainer(cfg)
             history: list[dict] = []
             trainer.callbacks = [history.append]
             last = trainer.fit()

@@ -24,26 +24,26 @@ from blendtune.config import load_config  # noqa: E402
 from blendtune.functional import gblend_weights, ogr  # noqa: E402
 from blendtune.loop import Trainer  # noqa: E402
 from blendtune.strategies import STRATEGIES  # noqa: E402
-from blendtune.strategies.gblend import GBlend  # noqa: E402
+from blendtune.strategies.gblend import GBlend, GBlendOptions  # noqa: E402
+from blendtune.worker import build_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@STRATEGIES.register("gblend_side_by_side")
+@STRATEGIES.register("gblend_side_by_side", options=GBlendOptions, section="gblend")
 class SideBySide(GBlend):
     """The heads estimator drives training; the paper's estimate for the same window is recorded beside it."""
-    config_section = "gblend"
 
     def setup(self, model, seed, total_epochs):
         super().setup(model, seed, total_epochs)
         self.paper_weights, self.heads_weights = {}, {}
 
-    def on_epoch_start(self, epoch, trainer):
+    def on_epoch_start(self, epoch, context):
         boundary = epoch - 1
         if self.is_boundary(boundary) and boundary >= self.warmup:
             saved = rng_state()
-            start = trainer.last_losses
-            end = self.paper_estimate(trainer, start)
+            start = context.last_losses
+            end = self.paper_estimate(context)
             set_rng_state(saved)
             stats = {h: ogr(start["train"][h], start["held_out"][h], end["train"][h], end["held_out"][h])
                      for h in self.heads}
@@ -51,16 +51,16 @@ class SideBySide(GBlend):
                                                           {h: s.delta_o for h, s in stats.items()},
                                                           previous=self.weights, eps=self.eps)
 
-    def on_epoch_end(self, epoch, evaluation, trainer):
+    def on_epoch_end(self, epoch, evaluation, context):
         window = self.window_start
-        super().on_epoch_end(epoch, evaluation, trainer)
+        super().on_epoch_end(epoch, evaluation, context)
         if self.is_boundary(epoch) and window is not None and window >= self.warmup:
             self.heads_weights[window] = dict(self.weights)
 
 
 def run(experiment: str, overrides: list[str]) -> tuple[float, dict, Trainer]:
     began = time.perf_counter()
-    trainer = Trainer(load_config(REPO / "experiments" / f"{experiment}.yaml", overrides))
+    trainer = build_trainer(load_config(REPO / "experiments" / f"{experiment}.yaml", overrides))
     last = trainer.fit()
     return time.perf_counter() - began, last, trainer
 

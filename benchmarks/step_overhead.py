@@ -26,8 +26,9 @@ from common import alternate, median, timed, write  # noqa: E402
 from blendtune.config import load_config  # noqa: E402
 from blendtune.data import DATASETS, DatasetAdapter, MultimodalDataset  # noqa: E402
 from blendtune.data.base import held_out_indices  # noqa: E402
-from blendtune.loop import Trainer, build_optimizer  # noqa: E402
 from blendtune.models import build_encoder  # noqa: E402
+from blendtune.optim import build_optimizer  # noqa: E402
+from blendtune.worker import build_trainer  # noqa: E402
 
 MODELS = {  # input shapes, encoder, encoder options, optimizer overrides
     # the AV-digits experiments' model: log-mel 1x40x101 and MNIST 1x28x28, small CNNs, Adam
@@ -109,14 +110,15 @@ def main() -> None:
             if strategy == "gblend":  # gblend needs a held-out set V: more samples, the same training batches
                 BenchTensors.size = size_with_held_out(batch * args.steps, 0.05)
                 extra = ["data.held_out_ratio=0.05"]
-            trainers[strategy] = Trainer(load_config(None, [*base, f"strategy={strategy}", *extra]))
+            trainers[strategy] = build_trainer(load_config(None, [*base, f"strategy={strategy}", *extra]))
             assert len(trainers[strategy].splits.train) == batch * args.steps
         data = trainers[args.strategies[0]].splits.train
         inputs = {m: x.to(device) for m, x in data.inputs.items()}
         targets = data.targets.to(device)
         torch.manual_seed(0)
         bare = BareModel({m: build_encoder(encoder, s, **enc_opts, dropout=0.0) for m, s in shapes.items()}).to(device)
-        bare_opt = build_optimizer(load_config(None, optim), bare.parameters())
+        o = load_config(None, optim).optim
+        bare_opt = build_optimizer(o.name, bare.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
         def bare_epoch():
             bare.train()

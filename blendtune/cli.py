@@ -63,8 +63,9 @@ def data_command(args) -> int:
         from blendtune.data.download import FSDD_URL, download_fsdd
         print(download_fsdd(Path(args.root), url=args.url or FSDD_URL))
         return 0
-    from blendtune.config import dataset_options, load_config
+    from blendtune.config import load_config
     from blendtune.data import DATASETS
+    from blendtune.worker import dataset_options
     if args.dataset.endswith((".yaml", ".yml")):
         cfg = load_config(args.dataset, args.overrides)
     else:
@@ -98,13 +99,14 @@ def strategy_variants(text: str) -> list[dict]:
 
 def sweep_command(args) -> Path:
     from blendtune.config import load_config
-    from blendtune.search_space import load_search_space
-    from blendtune.sweep import create_sweep_dir
+    from blendtune.runs import create_sweep_dir
+    from blendtune.search_space import check_sweep, load_search_space
 
     def new_sweep():
         if not args.experiment or not args.space:
             raise UserError("blendtune sweep: give an experiment YAML and --space SPACE.yaml")
         cfg, space = load_config(args.experiment, args.overrides), load_search_space(args.space)
+        check_sweep(cfg, space, source=args.space)
         return create_sweep_dir(cfg, space, None), cfg, space, None
     return _run_sweep_command(args, new_sweep, "sweep")
 
@@ -112,8 +114,9 @@ def sweep_command(args) -> Path:
 def compare_command(args) -> Path:
     from blendtune.config import load_config, with_overrides
     from blendtune.report import write_report
-    from blendtune.search_space import Distribution
-    from blendtune.sweep import create_sweep_dir
+    from blendtune.runs import create_sweep_dir
+    from blendtune.search_space import check_sweep
+    from blendtune.sweeps import Distribution
 
     def new_comparison():
         if not args.experiment:
@@ -126,6 +129,7 @@ def compare_command(args) -> Path:
         for variant in variants:  # fail before starting Ray, not inside a trial
             with_overrides(cfg, variant)
         space = {"seed": Distribution("grid", tuple(range(args.seeds)))}
+        check_sweep(cfg, space, variants)
         return create_sweep_dir(cfg, space, variants, kind="compare"), cfg, space, variants
     run_dir = _run_sweep_command(args, new_comparison, "compare")
     print(write_report(run_dir).read_text())
@@ -133,7 +137,9 @@ def compare_command(args) -> Path:
 
 
 def _run_sweep_command(args, new_sweep, kind: str) -> Path:
-    from blendtune.sweep import load_sweep, run_sweep
+    from blendtune.config import TrialConfig
+    from blendtune.runs import load_sweep
+    from blendtune.sweeps import run_sweep
 
     if args.resume:
         if args.experiment or args.overrides:
@@ -144,7 +150,7 @@ def _run_sweep_command(args, new_sweep, kind: str) -> Path:
     else:
         run_dir, cfg, space, variants = new_sweep()
     print(f"{kind} dir: {run_dir}", flush=True)
-    results = run_sweep(cfg, space, run_dir, variants, resume=bool(args.resume))
+    results = run_sweep(cfg, space, run_dir, TrialConfig(cfg), variants, resume=bool(args.resume))
     _summarise(results, cfg)
     return run_dir
 
@@ -163,24 +169,27 @@ def _summarise(results, cfg) -> None:
 
 
 def train_command(args) -> Path:
-    from blendtune.config import load_config, to_yaml
+    from blendtune.config import check_keys_are_used, load_config, to_yaml
+    from blendtune.evaluation import score_name
     from blendtune.runs import CONFIG_FILE, create_run_dir, load_run_config
 
     overrides = _split_resume(args)
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir, overrides)
+        check_keys_are_used(cfg)
         (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
     else:
         if not args.experiment:
             raise UserError("blendtune train: give an experiment YAML (e.g. experiments/synthetic_gblend.yaml)")
         cfg = load_config(args.experiment, overrides)
+        check_keys_are_used(cfg)
         run_dir = create_run_dir(cfg)
     print(f"run dir: {run_dir}", flush=True)
 
     from blendtune.launch import train_locally, train_with_ray
     final = (train_with_ray if cfg.workers > 1 else train_locally)(cfg, run_dir, resume=bool(args.resume))
-    score = "acc" if any(k.startswith("acc/test/") for k in final) else "map"
+    score = score_name(final)
     heads = [k.split("/")[-1] for k in final if k.startswith(f"{score}/test/")]
     if heads:
         name = "accuracy" if score == "acc" else "mAP"

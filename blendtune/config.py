@@ -1,94 +1,33 @@
 """Experiment configuration: a typed schema, YAML + `key=value` overrides, strict validation.
 
 This is the only module that touches OmegaConf objects. `load_config` returns plain dataclasses
-(`OmegaConf.to_object`), which is what the rest of blendtune takes.
+(`OmegaConf.to_object`), which is what the rest of blendtune takes. The schema is assembled from the
+registries: each strategy's options dataclass is a top-level section (`gblend`, `ogm`, ...), each
+dataset's a section of `data` (`data.avdigits`, ...), and their `validate()` checks their values.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from blendtune.errors import UserError
+from blendtune.data import DATASETS
+from blendtune.devices import PRECISIONS
+from blendtune.errors import OptionError, UserError
+from blendtune.models import ENCODERS, FUSIONS
+from blendtune.optim import OPTIMIZERS, SCHEDULES
+from blendtune.strategies import STRATEGIES
 
 
 @dataclass
-class SyntheticModality:
-    dim: int = 16
-    signal: float = 1.0          # class separation of the part that generalizes
-    noise: float = 1.0           # isotropic noise on that part
-    memorize_dims: int = 0       # extra per-sample random dims: easy to memorise, useless on new samples
-
-
-@dataclass
-class SyntheticConfig:
-    num_classes: int = 10
-    num_train: int = 500
-    num_test: int = 1000
-    seed: int = 0                # the dataset is fixed by this seed, like a real one; `seed` varies the run
-    modalities: Dict[str, SyntheticModality] = field(default_factory=lambda: {
-        "clean": SyntheticModality(dim=16, signal=0.6),
-        "memorizable": SyntheticModality(dim=16, signal=0.4, memorize_dims=512),
-    })
-
-
-@dataclass
-class AVDigitsConfig:
-    test_speakers: List[str] = field(default_factory=lambda: ["george", "jackson"])
-    window_s: float = 1.0        # clips (0.14-2.3 s) are centre-cropped or zero-padded to this
-    sample_rate: int = 8000
-    n_fft: int = 256
-    hop_length: int = 80
-    n_mels: int = 40
-    pairing_seed: int = 0        # which MNIST image goes with which clip; fixed like the dataset
-
-
-@dataclass
-class ClipConfig:
-    """Audio window, spectrogram and video frames of a file-based audio-visual dataset."""
-    sample_rate: int = 22050
-    window_s: float = 3.0
-    n_fft: int = 512
-    hop_length: int = 353
-    n_mels: int = 0              # 0: log-magnitude STFT (as OGM-GE); > 0: log-mel
-    pad: str = "tile"            # a short clip is repeated (tile, as OGM-GE) or zero-padded (zero)
-    num_frames: int = 1          # frames sampled per clip (random in training, evenly spaced in evaluation)
-    image_size: int = 224
-
-
-@dataclass
-class CremaDConfig(ClipConfig):
-    train_csv: str = "train.csv"
-    test_csv: str = "test.csv"
-    audio_dir: str = "AudioWAV"
-    frames_dir: str = "Image-01-FPS"
-
-
-@dataclass
-class AVCSVConfig(ClipConfig):
-    csv: str = "data.csv"        # header id,label,split (+ optional group)
-    audio_dir: str = "audio"
-    frames_dir: str = "frames"
-    classes: List[str] = field(default_factory=list)  # empty: the labels found in the CSV, sorted
-    multilabel: bool = False     # labels separated by label_separator; BCE loss, mAP
-    label_separator: str = ";"
-    sample_rate: int = 16000
-    window_s: float = 10.0
-    hop_length: int = 160
-    num_frames: int = 3
-
-
-@dataclass
-class FeaturesConfig:
-    modalities: List[str] = field(default_factory=list)  # empty: every <name>.npy in train/ but labels/groups
-
-
-@dataclass
-class DataConfig:
+class DataFields:
+    """The data keys every dataset shares; each dataset's own options join as `data.<name>` (registry)."""
     dataset: str = "synthetic"
+    _target_: Optional[str] = None  # or your own: an import path to a callable returning (train, test) or
+    args: Dict[str, Any] = field(default_factory=dict)  # (train, held_out, test) datasets; `args` its kwargs
     root: Optional[str] = None   # falls back to $BLENDTUNE_DATA_ROOT
     held_out_ratio: float = 0.1
     held_out_by_group: bool = False   # hold out whole groups (speakers) instead of stratified samples
@@ -98,11 +37,6 @@ class DataConfig:
     num_workers: int = 0         # DataLoader worker processes (file-based datasets decode there)
     skip_bad: bool = False       # skip samples whose files are missing or broken (and log how many)
     spectrogram_on: str = "loader"  # loader: in the loader workers | device: batched in the training step
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    avdigits: AVDigitsConfig = field(default_factory=AVDigitsConfig)
-    crema_d: CremaDConfig = field(default_factory=CremaDConfig)
-    av_csv: AVCSVConfig = field(default_factory=AVCSVConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
 @dataclass
@@ -117,6 +51,8 @@ class EncoderConfig:
 class ModelConfig:
     fusion: str = "concat"
     encoders: Dict[str, EncoderConfig] = field(default_factory=dict)  # empty: the dataset's defaults
+    _target_: Optional[str] = None   # your own backbone: import path of an nn.Module (dict in -> features per
+    args: Dict[str, Any] = field(default_factory=dict)  # modality out); `args` its keyword arguments
 
 
 @dataclass
@@ -141,34 +77,6 @@ class TrainConfig:
 
 
 @dataclass
-class GBlendConfig:
-    mode: str = "online"         # online: re-estimate every super-epoch | offline: estimate once
-    super_epoch: int = 2
-    warmup: int = 0              # epochs trained with uniform weights before the first estimate
-    estimator: str = "heads"     # heads: the main run's own heads (cheap) | paper: k+1 copies per estimate
-    eps: float = 1e-8
-
-
-@dataclass
-class OGMConfig:
-    alpha: float = 0.8
-    noise_scale: float = 1.0     # GE noise std as a multiple of the unmodulated gradient's std (ogm_ge)
-    modulation_start: int = 1
-    modulation_end: int = 50
-    params: str = "all"          # all: every encoder parameter | conv: conv weights only (official code)
-
-
-@dataclass
-class UnimodalConfig:
-    modality: str = ""
-
-
-@dataclass
-class ModalityDropoutConfig:
-    p: float = 0.3
-
-
-@dataclass
 class SweepConfig:
     num_samples: int = 4         # trials drawn from the space (grid entries multiply it)
     search: str = "optuna"       # optuna (TPE) | random | grid
@@ -185,7 +93,8 @@ class SweepConfig:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentFields:
+    """The keys every experiment has; each strategy's options join as a section (registry)."""
     name: str = "experiment"
     seed: int = 0
     strategy: str = "naive"
@@ -195,15 +104,32 @@ class ExperimentConfig:
     wandb: bool = True           # log every epoch to Weights & Biases (offline unless WANDB_MODE / a key says)
     wandb_project: str = "blendtune"
     wandb_entity: Optional[str] = None
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataFields = field(default_factory=DataFields)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    gblend: GBlendConfig = field(default_factory=GBlendConfig)
-    ogm: OGMConfig = field(default_factory=OGMConfig)
-    unimodal: UnimodalConfig = field(default_factory=UnimodalConfig)
-    modality_dropout: ModalityDropoutConfig = field(default_factory=ModalityDropoutConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def _assemble(name: str, base: type, sections: dict[str, type], extra: list | None = None) -> type:
+    """`base` plus one field per registered options section: the schema grows with the registries.
+    The class lives in this module under `name`, so configs pickle (Ray) and compare like any dataclass."""
+    fields = list(extra or []) + [(section, cls, field(default_factory=cls)) for section, cls in sections.items()]
+    cls = make_dataclass(name, fields, bases=(base,))
+    cls.__module__, cls.__qualname__ = __name__, name
+    globals()[name] = cls
+    return cls
+
+
+def assemble_schema() -> type:
+    """(Re)build DataConfig and ExperimentConfig from the dataset and strategy registries (a strategy
+    registered after import joins the schema when this runs again)."""
+    data_cls = _assemble("DataConfig", DataFields, DATASETS.sections())
+    return _assemble("ExperimentConfig", ExperimentFields, STRATEGIES.sections(),
+                     extra=[("data", data_cls, field(default_factory=data_cls))])
+
+
+ExperimentConfig = assemble_schema()
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -255,12 +181,6 @@ def with_overrides(config: ExperimentConfig, overrides: dict[str, object]) -> Ex
 
 
 _MISSING = object()
-
-
-def dataset_options(config: ExperimentConfig) -> dict:
-    """The options section `data.<dataset>` of the chosen dataset as keyword arguments for its adapter."""
-    section = getattr(config.data, config.data.dataset, None)
-    return asdict(section) if section is not None else {}
 
 
 def to_yaml(config: ExperimentConfig) -> str:
@@ -316,15 +236,10 @@ def _first_line(e: Exception) -> str:
 
 
 _CHOICES = {
-    "train.amp": ("auto", "fp32", "bf16", "fp16"),
+    "train.amp": PRECISIONS,
     "data.spectrogram_on": ("loader", "device"),
-    "data.crema_d.pad": ("tile", "zero"),
-    "data.av_csv.pad": ("tile", "zero"),
-    "optim.name": ("sgd", "adam", "adamw"),
-    "optim.schedule": ("none", "cosine", "step"),
-    "gblend.mode": ("online", "offline"),
-    "gblend.estimator": ("heads", "paper"),
-    "ogm.params": ("all", "conv"),
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
     "sweep.search": ("optuna", "random", "grid"),
     "sweep.scheduler": ("asha", "pbt", "none"),
     "sweep.mode": ("max", "min"),
@@ -332,16 +247,15 @@ _CHOICES = {
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Checks the schema cannot express: choices, ranges, registry names."""
-    from blendtune.data import DATASETS
-    from blendtune.models import ENCODERS, FUSIONS
-    from blendtune.strategies import STRATEGIES
-
+    """Checks the schema cannot express: choices, ranges, registry names, every options section's values."""
     flat = flat_keys(cfg)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise UserError(f"config key '{key}': expected one of {', '.join(allowed)}, got {flat[key]!r}")
-    for key, registry in (("strategy", STRATEGIES), ("data.dataset", DATASETS), ("model.fusion", FUSIONS)):
+    registries = [("strategy", STRATEGIES), ("model.fusion", FUSIONS)]
+    if not cfg.data._target_:
+        registries.append(("data.dataset", DATASETS))
+    for key, registry in registries:
         if flat[key] not in registry:
             raise UserError(f"config key '{key}': expected one of {', '.join(registry.names())}, got {flat[key]!r}")
     for modality, enc in cfg.model.encoders.items():
@@ -349,25 +263,72 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"config key 'model.encoders.{modality}.name': expected one of "
                             f"{', '.join(ENCODERS.names())}, got {enc.name!r}")
     positive = ["workers", "sweep.num_samples", "sweep.grace_period", "sweep.perturbation_interval",
-                "sweep.reduction_factor", "train.epochs", "data.batch_size", "data.eval_batch_size", "gblend.super_epoch",
-                "train.checkpoint_every", "optim.step_size",
-                "data.crema_d.num_frames", "data.av_csv.num_frames", "data.crema_d.image_size", "data.av_csv.image_size"]
+                "sweep.reduction_factor", "train.epochs", "data.batch_size", "data.eval_batch_size",
+                "train.checkpoint_every", "optim.step_size"]
     for key in positive:
         if flat[key] <= 0:
             raise UserError(f"config key '{key}': expected a positive number, got {flat[key]}")
     if not 0.0 <= cfg.data.held_out_ratio < 1.0:
         raise UserError(f"config key 'data.held_out_ratio': expected 0 <= ratio < 1, got {cfg.data.held_out_ratio}")
-    if cfg.strategy == "gblend" and cfg.data.held_out_ratio <= 0.0:
-        raise UserError("config key 'data.held_out_ratio': gblend needs a held-out split (ratio > 0)")
-    if not 0.0 <= cfg.modality_dropout.p < 1.0:
-        raise UserError(f"config key 'modality_dropout.p': expected 0 <= p < 1, got {cfg.modality_dropout.p}")
+    strategy = STRATEGIES.get(cfg.strategy)
+    if strategy.needs_held_out and cfg.data.held_out_ratio <= 0.0 and not cfg.data._target_:
+        raise UserError(f"config key 'data.held_out_ratio': {cfg.strategy} needs a held-out split (ratio > 0)")
     if cfg.optim.lr <= 0:
         raise UserError(f"config key 'optim.lr': expected a positive learning rate, got {cfg.optim.lr}")
-    if cfg.ogm.noise_scale < 0 or cfg.ogm.alpha < 0:
-        raise UserError("config keys 'ogm.alpha' and 'ogm.noise_scale' must be >= 0")
     if cfg.sweep.cpus_per_worker is not None and cfg.sweep.cpus_per_worker <= 0:
         raise UserError(f"config key 'sweep.cpus_per_worker': expected > 0, got {cfg.sweep.cpus_per_worker}")
-    if cfg.gblend.warmup < 0:
-        raise UserError(f"config key 'gblend.warmup': expected >= 0, got {cfg.gblend.warmup}")
-    if cfg.strategy == "unimodal" and not cfg.unimodal.modality:
-        raise UserError("config key 'unimodal.modality': the unimodal strategy needs the modality to train")
+    for prefix, node, sections in (("", cfg, STRATEGIES.sections()), ("data.", cfg.data, DATASETS.sections())):
+        for section in sections:
+            _validate_section(f"{prefix}{section}", getattr(node, section))
+    section = STRATEGIES.section(cfg.strategy)
+    for key in strategy.required_options:
+        if not getattr(getattr(cfg, section), key):
+            raise UserError(f"config key '{section}.{key}': the {cfg.strategy} strategy needs it")
+
+
+def _validate_section(where: str, options: Any) -> None:
+    check = getattr(options, "validate", None)
+    if check is None:
+        return
+    try:
+        check()
+    except OptionError as e:
+        raise UserError(f"config key '{where}.{e.key}': {e.message}") from None
+
+
+def unused_keys(cfg: ExperimentConfig, strategies: Iterable[str] = (), datasets: Iterable[str] = ()) -> list[str]:
+    """Keys set (to a value other than the default) in options sections that no strategy / dataset of
+    the run reads: `ogm.alpha=0.3` on a gblend run would otherwise do nothing, silently. `strategies`
+    and `datasets` default to the config's own; a sweep passes every one its trials can use."""
+    strategies = set(strategies) or {cfg.strategy}
+    datasets = set(datasets) or ({cfg.data.dataset} if not cfg.data._target_ else set())
+    found = []
+    for prefix, node, registry, used in (("", cfg, STRATEGIES, strategies), ("data.", cfg.data, DATASETS, datasets)):
+        for section, cls in registry.sections().items():
+            readers = [n for n in used if n in registry and registry.section(n) == section]
+            ignored = set.intersection(*[set(getattr(registry.get(n), "ignored_options", ())) for n in readers]) \
+                if readers else None
+            current, default = getattr(node, section), cls()
+            for f in fields(cls):
+                if getattr(current, f.name) != getattr(default, f.name) and (ignored is None or f.name in ignored):
+                    found.append(f"{prefix}{section}.{f.name}")
+    return sorted(found)
+
+
+def check_keys_are_used(cfg: ExperimentConfig, strategies: Iterable[str] = (), datasets: Iterable[str] = ()) -> None:
+    unused = unused_keys(cfg, strategies, datasets)
+    if unused:
+        runs = ", ".join(sorted(set(strategies) or {cfg.strategy}))
+        raise UserError(f"config key(s) {', '.join(unused)} set, but no strategy or dataset of this run reads them "
+                        f"(strategy: {runs}; dataset: {cfg.data.dataset}); remove them or set the strategy that uses them")
+
+
+class TrialConfig:
+    """A sweep's base config; called with a trial's overrides, that trial's validated config. Handed to
+    Tune (picklable), so trials build their config without the sweep code importing this module."""
+
+    def __init__(self, base: ExperimentConfig):
+        self.base = to_dict(base)
+
+    def __call__(self, overrides: dict[str, object]) -> ExperimentConfig:
+        return with_overrides(config_from_dict(self.base), overrides)

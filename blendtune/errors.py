@@ -7,3 +7,12 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class OptionError(UserError):
+    """An option of a strategy or dataset is out of range. `key` is the option's name; config code
+    prefixes its section (`ogm.alpha`), the Python API names the keyword (`alpha`)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"option '{key}': {message}")
+        self.key, self.message = key, message

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from blendtune.config import ExperimentConfig, with_overrides
 from blendtune.errors import UserError
-from blendtune.sweep import EXPERIMENT, SWEEP_FILE, load_sweep, trial_overrides
+from blendtune.evaluation import score_name
+from blendtune.runs import load_sweep
+from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, trial_overrides
 
 
 def strategy_label(cfg: ExperimentConfig) -> str:
@@ -61,8 +63,7 @@ def load_trials(run_dir: Path) -> list[dict]:
 
 def score_of(trials: list[dict]) -> str:
     """acc for single-label data, map (mean average precision) for multi-label."""
-    multilabel = any(k.startswith("map/test/") for t in trials for row in t["history"][-1:] for k in row)
-    return "map" if multilabel else "acc"
+    return score_name(k for t in trials for row in t["history"][-1:] for k in row)
 
 
 def heads_of(trials: list[dict], score: str = "acc") -> list[str]:

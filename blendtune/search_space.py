@@ -10,29 +10,16 @@ randint [low, high) - the same names as `ray.tune`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from blendtune.config import ExperimentConfig, flat_keys, load_config
+from blendtune.config import ExperimentConfig, check_keys_are_used, flat_keys, load_config
 from blendtune.errors import UserError
+from blendtune.sweeps import Distribution
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
-
-
-@dataclass(frozen=True)
-class Distribution:
-    kind: str
-    args: tuple
-
-    def examples(self) -> list[Any]:
-        """Values that must all be valid for the key: every option, or both ends of a range."""
-        if self.kind in ("choice", "grid"):
-            return list(self.args)
-        low, high = self.args
-        return [low, high - 1] if self.kind == "randint" else [low, high]
 
 
 def parse_space(raw: Any, source: str) -> dict[str, Distribution]:
@@ -72,7 +59,7 @@ def load_search_space(path: str | Path) -> dict[str, Distribution]:
 def validate_space(space: dict[str, Distribution], base: ExperimentConfig | None = None,
                    source: str = "search space") -> None:
     """Every key must be a config key and every value the space can produce must type-check."""
-    keys = flat_keys(base or ExperimentConfig())
+    keys = flat_keys(base or load_config(None))
     for key, dist in space.items():
         if key not in keys:
             near = sorted(k for k in keys if k.split(".")[-1] == key.split(".")[-1])
@@ -91,3 +78,21 @@ def _override_text(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return yaml.safe_dump(value, default_flow_style=True).strip()
     return str(value)
+
+
+def check_sweep(cfg: ExperimentConfig, space: dict[str, Distribution], variants: list[dict] | None = None,
+                source: str = "search space") -> None:
+    """Everything a sweep can check before anything is created or Ray starts."""
+    validate_space(space, cfg, source)
+    if cfg.sweep.metric.split("/")[1:2] == ["held_out"] and cfg.data.held_out_ratio <= 0 \
+            and "data.held_out_ratio" not in space:
+        raise UserError(f"config key 'sweep.metric': {cfg.sweep.metric!r} needs a held-out split (data.held_out_ratio > 0)")
+    strategies = _values("strategy", cfg.strategy, space, variants)
+    datasets = _values("data.dataset", cfg.data.dataset, space, variants)
+    check_keys_are_used(cfg, strategies, datasets)
+
+
+def _values(key: str, current: Any, space: dict[str, Distribution], variants: list[dict] | None) -> set:
+    """Every value `key` takes in some trial: the config's, the space's, the variants'."""
+    found = {current} | (set(space[key].examples()) if key in space else set())
+    return found | {v[key] for v in variants or [] if key in v}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blendtune.reporting import read_metrics
+from blendtune.loggers import read_metrics
 from conftest import REPO, TINY, make_tiny_avdigits, needs_data
 
 

@@ -11,12 +11,12 @@ import torch
 from blendtune.config import load_config
 from blendtune.data import DATASETS, build_splits
 from blendtune.data.audio import LogSpectrogram
-from blendtune.loop import Trainer
+from blendtune.worker import build_trainer
 from conftest import AV_CSV_TINY, CREMA_TINY, REPO, make_av_csv, make_crema_d, make_features, write_frames
 
 
 def trainer(overrides, tmp_path=None):
-    return Trainer(load_config(None, overrides), run_dir=tmp_path)
+    return build_trainer(load_config(None, overrides), run_dir=tmp_path)
 
 
 def cli(*args, env_root=None):
@@ -45,7 +45,7 @@ def test_crema_d_defaults_give_ogm_ge_spectrogram_shape(tmp_path):
 
 
 def _options(name, *overrides):
-    from blendtune.config import dataset_options
+    from blendtune.worker import dataset_options
     return dataset_options(load_config(None, [f"data.dataset={name}", *overrides]))
 
 

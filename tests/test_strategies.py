@@ -5,9 +5,9 @@ import torch
 
 from blendtune.config import load_config
 from blendtune.functional import ogm_coefficients
-from blendtune.loop import Trainer
+from blendtune.worker import build_trainer
 from blendtune.models import FUSED
-from blendtune.strategies import STRATEGIES
+from blendtune.strategies import STRATEGIES, build_strategy
 from conftest import TINY
 
 # Settings per strategy (Composer-style table): a new strategy is covered by adding a row.
@@ -35,7 +35,7 @@ def _cfg(strategy, extra=(), tmp_path=None):
 @pytest.mark.parametrize("strategy,extra", VARIANTS, ids=lambda v: v if isinstance(v, str) else "-".join(v))
 def test_every_strategy_trains_and_resumes_exactly(strategy, extra, tmp_path):
     cfg = _cfg(strategy, ["train.epochs=3", *extra])
-    straight = Trainer(cfg, tmp_path / "straight")
+    straight = build_trainer(cfg, tmp_path / "straight")
     logged = []
     straight.callbacks = [logged.append]
     last = straight.fit()
@@ -45,9 +45,9 @@ def test_every_strategy_trains_and_resumes_exactly(strategy, extra, tmp_path):
     assert last["loss/objective"] == last["loss/objective"]  # not NaN
 
     # Train 2 epochs, stop, resume from the checkpoint in a fresh Trainer, finish epoch 3.
-    first = Trainer(_cfg(strategy, ["train.epochs=2", *extra]), tmp_path / "split")
+    first = build_trainer(_cfg(strategy, ["train.epochs=2", *extra]), tmp_path / "split")
     first.fit()
-    resumed = Trainer(cfg, tmp_path / "split")
+    resumed = build_trainer(cfg, tmp_path / "split")
     resumed.load(tmp_path / "split" / "checkpoints" / "last.pt")
     assert resumed.epoch == 2
     resumed_last = resumed.fit()
@@ -62,7 +62,7 @@ def test_gblend_moves_weight_away_from_the_memorizable_modality():
     # (train loss falls) while its held-out loss rises, so its OGR is poor and its weight must drop.
     cfg = load_config(None, ["strategy=gblend", "gblend.super_epoch=2", "gblend.estimator=heads", "train.epochs=8",
                              "data.held_out_ratio=0.2", "train.progress=false"])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     history = []
     trainer.callbacks = [history.append]
     trainer.fit()
@@ -78,7 +78,7 @@ def test_gblend_moves_weight_away_from_the_memorizable_modality():
 def test_gblend_paper_estimator_agrees_on_direction():
     cfg = load_config(None, ["strategy=gblend", "gblend.super_epoch=2", "gblend.estimator=paper",
                              "gblend.mode=offline", "train.epochs=2", "data.held_out_ratio=0.2", "train.progress=false"])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.fit()
     w = trainer.strategy.weights
     assert w["clean"] > w["memorizable"] and trainer.strategy.estimates == 1
@@ -88,15 +88,14 @@ def _dominant_batch():
     """A model after a few naive epochs on data where 'clean' dominates, and one batch."""
     cfg = load_config(None, TINY + ["strategy=naive", "train.epochs=3",
                                     "data.synthetic.modalities.clean.signal=2.0"])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.fit()
     inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
     return trainer, inputs, targets
 
 
 def _encoder_grad_norms(strategy_name, trainer, inputs, targets, alpha=0.8, noise=0.0):
-    strategy = STRATEGIES.get(strategy_name)(alpha=alpha, noise_scale=noise, modulation_start=1,
-                                             modulation_end=10)
+    strategy = build_strategy(strategy_name, alpha=alpha, noise_scale=noise, modulation_start=1, modulation_end=10)
     strategy.setup(trainer.model, seed=0, total_epochs=10)
     trainer.model.zero_grad()
     out = trainer.model(inputs)
@@ -134,7 +133,7 @@ def test_ogm_ge_adds_noise_to_both_encoders_reproducibly():
 
 def test_ogm_modulates_only_inside_its_epoch_window():
     trainer, inputs, targets = _dominant_batch()
-    strategy = STRATEGIES.get("ogm")(alpha=0.8, noise_scale=0.0, modulation_start=5, modulation_end=6)
+    strategy = build_strategy("ogm", alpha=0.8, noise_scale=0.0, modulation_start=5, modulation_end=6)
     strategy.setup(trainer.model, 0, 10)
     trainer.model.zero_grad()
     out = trainer.model(inputs)
@@ -148,7 +147,7 @@ def test_ogm_conv_option_leaves_linear_layers_alone():
     from blendtune.models import LateFusionClassifier, build_encoder, build_fusion
     enc = {"a": build_encoder("spec_cnn", (1, 8, 8), 8, 4, 0.0), "b": build_encoder("spec_cnn", (1, 8, 8), 8, 4, 0.0)}
     model = LateFusionClassifier(enc, build_fusion("concat", {"a": 8, "b": 8}, 3), 3)
-    strategy = STRATEGIES.get("ogm")(alpha=0.8, noise_scale=0.0, modulation_start=1, modulation_end=2, params="conv")
+    strategy = build_strategy("ogm", alpha=0.8, noise_scale=0.0, modulation_start=1, modulation_end=2, params="conv")
     strategy.setup(model, 0, 2)
     assert strategy.modulated["a"] and all(p.dim() == 4 for p in strategy.modulated["a"])
 
@@ -156,6 +155,6 @@ def test_ogm_conv_option_leaves_linear_layers_alone():
 def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     from blendtune.errors import TrainingDiverged
     cfg = load_config(None, TINY + ["strategy=naive", "train.epochs=3", "optim.lr=1e30", "optim.momentum=0.0"])
-    trainer = Trainer(cfg, tmp_path)
+    trainer = build_trainer(cfg, tmp_path)
     with pytest.raises(TrainingDiverged, match="loss became .* in epoch"):
         trainer.fit()

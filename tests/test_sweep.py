@@ -12,9 +12,11 @@ import yaml
 
 from blendtune.config import load_config
 from blendtune.report import load_trials
-from blendtune.reporting import read_metrics
-from blendtune.search_space import parse_space
-from blendtune.sweep import create_sweep_dir, run_sweep
+from blendtune.loggers import read_metrics
+from blendtune.config import TrialConfig
+from blendtune.runs import create_sweep_dir
+from blendtune.search_space import check_sweep, parse_space
+from blendtune.sweeps import run_sweep
 from blendtune.wandb_files import read_history
 from conftest import REPO, TINY
 
@@ -24,8 +26,9 @@ SMALL = TINY + ["data.synthetic.num_train=150", "data.synthetic.num_test=60"]
 def sweep(tmp_path, overrides, space, variants=None):
     cfg = load_config(None, SMALL + [f"output_dir={tmp_path}"] + overrides)
     space = parse_space(space, "test")
+    check_sweep(cfg, space, variants)
     run_dir = create_sweep_dir(cfg, space, variants)
-    return run_dir, run_sweep(cfg, space, run_dir, variants)
+    return run_dir, run_sweep(cfg, space, run_dir, TrialConfig(cfg), variants)
 
 
 def result_rows(trial_dir: Path) -> list[dict]:

@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 
 from blendtune.data.audio import LogSpectrogram, fit_to_window, read_clip
 from blendtune.data.base import DatasetAdapter, DataCheck, Problem, data_root
-from blendtune.errors import UserError
+from blendtune.errors import OptionError, UserError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SPLITS = ("train", "test")
@@ -43,6 +43,26 @@ class Catalog:
     classes: list[str]
     multilabel: bool = False
     problems: list[Problem] = field(default_factory=list)  # rows that name no usable sample
+
+
+@dataclass
+class ClipConfig:
+    """The options every file-based audio-visual layout shares (config section data.<layout>)."""
+    sample_rate: int = 22050
+    window_s: float = 3.0
+    n_fft: int = 512
+    hop_length: int = 353
+    n_mels: int = 0              # 0: log-magnitude STFT (as OGM-GE); > 0: log-mel
+    pad: str = "tile"            # a short clip is repeated (tile, as OGM-GE) or zero-padded (zero)
+    num_frames: int = 1          # frames sampled per clip (random in training, evenly spaced in evaluation)
+    image_size: int = 224
+
+    def validate(self) -> None:
+        if self.pad not in ("tile", "zero"):
+            raise OptionError("pad", f"expected one of tile, zero, got {self.pad!r}")
+        for key in ("num_frames", "image_size", "sample_rate", "n_fft", "hop_length"):
+            if getattr(self, key) <= 0:
+                raise OptionError(key, f"expected a positive number, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

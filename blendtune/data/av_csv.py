@@ -11,13 +11,29 @@ uses a sigmoid / binary cross-entropy per class and reports mAP.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
+from typing import List
 
-from blendtune.data.audiovisual import SPLITS, AudioVisualAdapter, Catalog, Sample
+from blendtune.data.audiovisual import SPLITS, AudioVisualAdapter, Catalog, ClipConfig, Sample
 from blendtune.data.base import DATASETS, Problem
 from blendtune.errors import UserError
 
 
-@DATASETS.register("av_csv")
+@dataclass
+class AVCSVOptions(ClipConfig):
+    csv: str = "data.csv"        # header id,label,split (+ optional group)
+    audio_dir: str = "audio"
+    frames_dir: str = "frames"
+    classes: List[str] = field(default_factory=list)  # empty: the labels found in the CSV, sorted
+    multilabel: bool = False     # labels separated by label_separator; BCE loss, mAP
+    label_separator: str = ";"
+    sample_rate: int = 16000
+    window_s: float = 10.0
+    hop_length: int = 160
+    num_frames: int = 3
+
+
+@DATASETS.register("av_csv", options=AVCSVOptions)
 class AVCSV(AudioVisualAdapter):
     name = "av_csv"
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
 
 from collections import Counter
 
@@ -22,6 +24,17 @@ from blendtune.data.audio import fit_to_window, read_clip
 from blendtune.data.audiovisual import scan, Sample
 from blendtune.data.base import DATASETS, DataCheck, DatasetAdapter, MultimodalDataset, Problem, data_root
 from blendtune.errors import UserError
+
+@dataclass
+class AVDigitsOptions:
+    test_speakers: List[str] = field(default_factory=lambda: ["george", "jackson"])
+    window_s: float = 1.0        # clips (0.14-2.3 s) are centre-cropped or zero-padded to this
+    sample_rate: int = 8000
+    n_fft: int = 256
+    hop_length: int = 80
+    n_mels: int = 40
+    pairing_seed: int = 0        # which MNIST image goes with which clip; fixed like the dataset
+
 
 CLIP_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -74,7 +87,7 @@ def pair_images(digits: np.ndarray, mnist_labels: np.ndarray, seed: int) -> np.n
     return picks
 
 
-@DATASETS.register("avdigits")
+@DATASETS.register("avdigits", options=AVDigitsOptions)
 class AVDigits(DatasetAdapter):
     """Options: data.avdigits (test_speakers, window_s, sample_rate, n_fft, hop_length, n_mels, pairing_seed)."""
     name = "avdigits"

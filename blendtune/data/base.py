@@ -130,6 +130,19 @@ class Splits:
     def modalities(self) -> list[str]:
         return self.train.modalities
 
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def multilabel(self) -> bool:
+        return bool(self.train.multilabel)
+
+    @property
+    def device_transforms(self) -> dict:
+        """Per modality, a module the training step applies to each batch on the device."""
+        return dict(getattr(self.train, "device_transforms", {}) or {})
+
 
 def data_root(root: str | None) -> Path:
     root = root or os.environ.get("BLENDTUNE_DATA_ROOT")
@@ -179,15 +192,26 @@ def build_splits(dataset: str, data_args: dict, held_out_ratio: float, held_out_
                  spectrogram_on: str = "loader") -> Splits:
     """Build the named dataset and carve the held-out split from its training part (seeded)."""
     full_train, test = DATASETS.get(dataset)(**data_args).build(skip_bad=skip_bad, spectrogram_on=spectrogram_on)
+    return make_splits(full_train, test, held_out_ratio, held_out_by_group, train_eval_size, seed, name=dataset)
+
+
+def make_splits(full_train, test, held_out_ratio: float, held_out_by_group: bool = False,
+                train_eval_size: int | None = None, seed: int = 0, held_out=None, name: str = "dataset") -> Splits:
+    """Splits from built datasets: `held_out` as given, else carved from `full_train` (seeded,
+    stratified by class or by whole groups); T' a fixed subset of the training part if asked."""
     if len(full_train) == 0 or len(test) == 0:
-        raise UserError(f"dataset {dataset!r}: the {'training' if len(full_train) == 0 else 'test'} split is empty")
-    groups = full_train.groups if held_out_by_group else None
-    if held_out_by_group and groups is None:
-        raise UserError(f"data.held_out_by_group=true, but dataset {dataset!r} has no groups")
-    strata = full_train.targets.argmax(1) if full_train.targets.dim() == 2 else full_train.targets
-    train_idx, held_idx = held_out_indices(strata.numpy(), held_out_ratio, seed, groups)
-    train = full_train.subset(train_idx)
-    held_out = full_train.subset(held_idx).for_evaluation() if len(held_idx) else None
+        raise UserError(f"{name}: the {'training' if len(full_train) == 0 else 'test'} split is empty")
+    if held_out is not None:
+        train = full_train
+    else:
+        groups = full_train.groups if held_out_by_group else None
+        if held_out_by_group and groups is None:
+            raise UserError(f"data.held_out_by_group=true, but {name} has no groups")
+        strata = full_train.targets.argmax(1) if full_train.targets.dim() == 2 else full_train.targets
+        train_idx, held_idx = held_out_indices(strata.numpy(), held_out_ratio, seed, groups)
+        train = full_train.subset(train_idx)
+        held_out = full_train.subset(held_idx) if len(held_idx) else None
+    held_out = held_out.for_evaluation() if held_out is not None and len(held_out) else None
     train_eval = train.for_evaluation()
     if train_eval_size is not None and train_eval_size < len(train):
         pick = np.sort(np.random.default_rng(seed + 1).choice(len(train), train_eval_size, replace=False))

@@ -11,15 +11,24 @@ fill it, log-magnitude STFT with n_fft 512 / hop 353 (1 x 257 x 188), as the OGM
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 
-from blendtune.data.audiovisual import AudioVisualAdapter, Catalog, Sample
+from blendtune.data.audiovisual import AudioVisualAdapter, Catalog, ClipConfig, Sample
 from blendtune.data.base import DATASETS, Problem
 from blendtune.errors import UserError
 
 EMOTIONS = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
 
 
-@DATASETS.register("crema_d")
+@dataclass
+class CremaDOptions(ClipConfig):
+    train_csv: str = "train.csv"
+    test_csv: str = "test.csv"
+    audio_dir: str = "AudioWAV"
+    frames_dir: str = "Image-01-FPS"
+
+
+@DATASETS.register("crema_d", options=CremaDOptions)
 class CremaD(AudioVisualAdapter):
     name = "crema_d"
 

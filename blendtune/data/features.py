@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import torch
@@ -43,7 +45,12 @@ def find(folder: Path, name: str) -> Path | None:
     return None
 
 
-@DATASETS.register("features")
+@dataclass
+class FeaturesOptions:
+    modalities: List[str] = field(default_factory=list)  # empty: every <name>.npy in train/ but labels/groups
+
+
+@DATASETS.register("features", options=FeaturesOptions)
 class Features(DatasetAdapter):
     """Options: data.features.modalities (empty: every array file but labels/groups)."""
     name = "features"

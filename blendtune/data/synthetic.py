@@ -7,11 +7,33 @@ G-Blend's OGR is meant to catch.
 """
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict
+
 import torch
 
-from collections import Counter
-
 from blendtune.data.base import DATASETS, DataCheck, DatasetAdapter, MultimodalDataset
+
+
+@dataclass
+class SyntheticModality:
+    dim: int = 16
+    signal: float = 1.0          # class separation of the part that generalizes
+    noise: float = 1.0           # isotropic noise on that part
+    memorize_dims: int = 0       # extra per-sample random dims: easy to memorise, useless on new samples
+
+
+@dataclass
+class SyntheticOptions:
+    num_classes: int = 10
+    num_train: int = 500
+    num_test: int = 1000
+    seed: int = 0                # the dataset is fixed by this seed, like a real one; `seed` varies the run
+    modalities: Dict[str, SyntheticModality] = field(default_factory=lambda: {
+        "clean": SyntheticModality(dim=16, signal=0.6),
+        "memorizable": SyntheticModality(dim=16, signal=0.4, memorize_dims=512),
+    })
 
 
 def _make(modalities: dict, num_classes: int, n: int, prototypes: dict, gen: torch.Generator) -> MultimodalDataset:
@@ -25,7 +47,7 @@ def _make(modalities: dict, num_classes: int, n: int, prototypes: dict, gen: tor
     return MultimodalDataset(inputs, targets, num_classes)
 
 
-@DATASETS.register("synthetic")
+@DATASETS.register("synthetic", options=SyntheticOptions)
 class Synthetic(DatasetAdapter):
     name = "synthetic"
 

@@ -1,7 +1,7 @@
-"""The strategy interface: a few optional hooks that the training loop (blendtune/loop.py) calls.
+"""The strategy interface: a few optional hooks that the one training loop (blendtune/loop.py) calls.
 
     for epoch:                                       # loop.Trainer.fit
-        strategy.on_epoch_start(epoch, trainer)                    # e.g. G-Blend's paper estimate
+        strategy.on_epoch_start(epoch, context)                    # e.g. G-Blend's paper estimate
         for batch:                                   # loop.Trainer.train_epoch
             masks = strategy.modality_masks(targets)
             out   = model(inputs, masks, detach_unimodal_heads=strategy.detach_unimodal_heads)
@@ -10,26 +10,46 @@
             strategy.after_backward(out, targets, epoch, step)     # gradient modulation
             clip; optimizer.step()
         evaluation = evaluate every head on train / held-out / test
-        strategy.on_epoch_end(epoch, evaluation, trainer)          # (super-)epoch decisions
+        strategy.on_epoch_end(epoch, evaluation, context)          # (super-)epoch decisions
         log strategy.epoch_metrics(); checkpoint strategy.state_dict()
 
+A strategy never sees the Trainer: epoch hooks get a `TrainingContext` (evaluate a model, train one
+head of a model copy with the loop's own step, the losses measured at the end of the previous epoch).
 The math lives in `blendtune.functional`; a strategy only decides when to apply it.
+
+A new strategy is one file: its options dataclass (a `validate()` raising OptionError for bad values)
+and its class, registered together: `@STRATEGIES.register("name", options=NameOptions)`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 import torch
 
+from blendtune.errors import OptionError, UserError
 from blendtune.functional import classification_loss
-
 from blendtune.models import FUSED, LateFusionClassifier, ModelOutput
 from blendtune.registry import Registry
 
-if TYPE_CHECKING:
-    from blendtune.loop import Evaluation, Trainer
-
 STRATEGIES: Registry = Registry("strategy")
+
+
+class Losses(Protocol):
+    """What an evaluation hands a strategy: per split ('train', 'held_out', 'test'), per head, the loss."""
+
+    def losses(self) -> dict[str, dict[str, float]]: ...
+
+
+class TrainingContext(Protocol):
+    """What the loop lends a strategy's epoch hooks."""
+    epoch: int                              # the last finished epoch (0 before training)
+    step: int
+    last_losses: dict | None                # losses measured at the end of epoch `epoch`
+
+    def evaluate(self, model: LateFusionClassifier) -> Losses: ...
+
+    def train_head(self, model: LateFusionClassifier, head: str, epochs: int) -> None:
+        """Train `model` (a copy) on head `head`'s loss alone for `epochs` epochs, with the loop's step."""
 
 
 def head_losses(out: ModelOutput, targets: torch.Tensor, heads: list[str]) -> dict[str, torch.Tensor]:
@@ -42,9 +62,14 @@ def probe_loss(out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
 
 
 class BalancingStrategy:
-    config_section: str | None = None   # which config section holds this strategy's options
     detach_unimodal_heads: bool = True  # uni-modal heads as probes unless the strategy trains through them
     trains_all_parameters: bool = True  # False: DDP must look for parameters without gradients
+    needs_held_out: bool = False        # True: the run must carve a held-out split (G-Blend's V)
+    ignored_options: tuple[str, ...] = ()  # keys of its (shared) options section this strategy never reads
+    required_options: tuple[str, ...] = ()  # options that must be set (non-empty) to run it
+
+    def __init__(self, options: Any = None):
+        self.options = options
 
     def setup(self, model: LateFusionClassifier, seed: int, total_epochs: int) -> None:
         self.model = model
@@ -60,13 +85,14 @@ class BalancingStrategy:
     def after_backward(self, out: ModelOutput, targets: torch.Tensor, epoch: int, step: int) -> None:
         pass
 
-    def on_epoch_start(self, epoch: int, trainer: "Trainer") -> None:
+    def on_epoch_start(self, epoch: int, context: TrainingContext) -> None:
         pass
 
-    def on_epoch_end(self, epoch: int, evaluation: "Evaluation", trainer: "Trainer") -> None:
+    def on_epoch_end(self, epoch: int, evaluation: Losses, context: TrainingContext) -> None:
         pass
 
     def epoch_metrics(self) -> dict[str, float]:
+        """This epoch's strategy metrics (logged), then the per-epoch accumulators start again."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -74,3 +100,54 @@ class BalancingStrategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class HeadLoss(BalancingStrategy):
+    """One head's loss and no hooks: how the loop trains a model copy for `TrainingContext.train_head`."""
+    detach_unimodal_heads = False
+    trains_all_parameters = False
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.head = head
+
+    def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
+        return classification_loss(out.logits[self.head], targets)
+
+
+def strategy_options(name: str, **options):
+    """The validated options dataclass of strategy `name` from keyword options (the Python API)."""
+    cls = STRATEGIES.options(name)
+    if cls is None:
+        if options:
+            raise UserError(f"strategy {name!r} takes no options, got {', '.join(sorted(options))}")
+        return None
+    try:
+        opts = cls(**options)
+    except TypeError:
+        valid = ", ".join(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        raise UserError(f"strategy {name!r}: unknown option(s) {', '.join(unknown)}; it takes {valid}") from None
+    validate_options(opts)
+    return opts
+
+
+def validate_options(options: Any) -> None:
+    check: Callable[[], None] | None = getattr(options, "validate", None)
+    if check is not None:
+        check()
+
+
+def build_strategy(name: str, options: Any = None, **keyword_options) -> BalancingStrategy:
+    """`build_strategy("ogm_ge", alpha=0.5)` or `build_strategy("ogm_ge", OGMOptions(...))`."""
+    cls = STRATEGIES.get(name)
+    if options is None:
+        options = strategy_options(name, **keyword_options)
+    elif keyword_options:
+        raise TypeError("give the options dataclass or keyword options, not both")
+    else:
+        validate_options(options)
+    for key in cls.required_options:
+        if not getattr(options, key):
+            raise OptionError(key, f"the {name} strategy needs it")
+    return cls(options) if STRATEGIES.options(name) is not None else cls()

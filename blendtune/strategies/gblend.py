@@ -13,25 +13,44 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-from blendtune.functional import classification_loss, gblend_weights, ogr
+from blendtune.errors import OptionError
+from blendtune.functional import gblend_weights, ogr
 from blendtune.models import ModelOutput
-from blendtune.strategies.base import STRATEGIES, BalancingStrategy, head_losses
-
-if TYPE_CHECKING:
-    from blendtune.loop import Evaluation, Trainer
+from blendtune.strategies.base import STRATEGIES, BalancingStrategy, Losses, TrainingContext, head_losses
 
 
-@STRATEGIES.register("gblend")
+@dataclass
+class GBlendOptions:
+    mode: str = "online"         # online: re-estimate every super-epoch | offline: estimate once
+    super_epoch: int = 2
+    warmup: int = 0              # epochs trained with uniform weights before the first estimate
+    estimator: str = "heads"     # heads: the main run's own heads (cheap) | paper: k+1 copies per estimate
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        for key, allowed in (("mode", ("online", "offline")), ("estimator", ("heads", "paper"))):
+            if getattr(self, key) not in allowed:
+                raise OptionError(key, f"expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.super_epoch <= 0:
+            raise OptionError("super_epoch", f"expected a positive number, got {self.super_epoch}")
+        if self.warmup < 0:
+            raise OptionError("warmup", f"expected >= 0, got {self.warmup}")
+
+
+@STRATEGIES.register("gblend", options=GBlendOptions)
 class GBlend(BalancingStrategy):
-    config_section = "gblend"
     detach_unimodal_heads = False
+    needs_held_out = True
 
-    def __init__(self, mode: str, super_epoch: int, warmup: int, estimator: str, eps: float = 1e-8):
-        self.mode, self.super_epoch, self.warmup, self.estimator, self.eps = mode, super_epoch, warmup, estimator, eps
+    def __init__(self, options: GBlendOptions):
+        super().__init__(options)
+        o = options
+        self.mode, self.super_epoch, self.warmup, self.estimator, self.eps = (o.mode, o.super_epoch, o.warmup,
+                                                                             o.estimator, o.eps)
 
     def setup(self, model, seed, total_epochs):
         super().setup(model, seed, total_epochs)
@@ -55,14 +74,14 @@ class GBlend(BalancingStrategy):
     def _estimating(self) -> bool:
         return self.mode == "online" or self.estimates == 0
 
-    def on_epoch_start(self, epoch: int, trainer: "Trainer") -> None:
+    def on_epoch_start(self, epoch: int, context: TrainingContext) -> None:
         """Paper estimator (Alg. 3): at the start of a super-epoch, estimate from the current checkpoint."""
         boundary = epoch - 1
         if self.estimator == "paper" and self.is_boundary(boundary) and boundary >= self.warmup and self._estimating():
-            start = trainer.last_losses
-            self._set_from_window(start, self.paper_estimate(trainer, start))
+            start = context.last_losses
+            self._set_from_window(start, self.paper_estimate(context))
 
-    def on_epoch_end(self, epoch: int, evaluation: "Evaluation", trainer: "Trainer") -> None:
+    def on_epoch_end(self, epoch: int, evaluation: Losses, context: TrainingContext) -> None:
         """Heads estimator: at the end of a super-epoch, weights from what the main run's heads did in it."""
         if not self.is_boundary(epoch):
             return
@@ -79,16 +98,16 @@ class GBlend(BalancingStrategy):
         self.estimates += 1
         self._last = stats
 
-    def paper_estimate(self, trainer: "Trainer", start: dict) -> dict:
+    def paper_estimate(self, context: TrainingContext) -> dict:
         """GB_Estimate(checkpoint, n): per head, train a copy of the model on that head's loss alone
-        for n epochs and measure its train / held-out losses at the end."""
+        for n epochs (the loop's own step: scaler, clipping, DDP) and measure its train / held-out
+        losses at the end."""
         began = time.perf_counter()
         end = {"train": {}, "held_out": {}}
         for head in self.heads:
             model_copy = copy.deepcopy(self.model)
-            trainer.train_copy(model_copy, lambda out, y, h=head: classification_loss(out.logits[h], y),
-                               epochs=self.super_epoch)
-            losses = trainer.evaluate(model_copy).losses()
+            context.train_head(model_copy, head, epochs=self.super_epoch)
+            losses = context.evaluate(model_copy).losses()
             end["train"][head], end["held_out"][head] = losses["train"][head], losses["held_out"][head]
             del model_copy
         self._estimate_seconds = time.perf_counter() - began

@@ -1,8 +1,20 @@
 """Modality dropout: each training sample loses each modality's features with probability p (at least
 one modality is always kept); the fused head is trained on what is left."""
+from dataclasses import dataclass
+
 import torch
 
+from blendtune.errors import OptionError
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy
+
+
+@dataclass
+class ModalityDropoutOptions:
+    p: float = 0.3               # probability that a sample loses a modality
+
+    def validate(self) -> None:
+        if not 0.0 <= self.p < 1.0:
+            raise OptionError("p", f"expected 0 <= p < 1, got {self.p}")
 
 
 def modality_dropout_masks(batch: int, k: int, p: float, device, generator=None) -> torch.Tensor:
@@ -13,12 +25,9 @@ def modality_dropout_masks(batch: int, k: int, p: float, device, generator=None)
     return keep
 
 
-@STRATEGIES.register("modality_dropout")
+@STRATEGIES.register("modality_dropout", options=ModalityDropoutOptions)
 class ModalityDropout(BalancingStrategy):
-    config_section = "modality_dropout"
-
-    def __init__(self, p: float):
-        self.p = p
+    options: ModalityDropoutOptions
 
     def modality_masks(self, targets: torch.Tensor) -> torch.Tensor:
-        return modality_dropout_masks(len(targets), len(self.model.modalities), self.p, targets.device)
+        return modality_dropout_masks(len(targets), len(self.model.modalities), self.options.p, targets.device)

@@ -2,26 +2,46 @@
 encoders; after backward, the dominant modality's encoder gradients are scaled by k_u < 1."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from blendtune.distributed import all_reduce_sum_
+from blendtune.errors import OptionError
 from blendtune.functional import modulate_gradients_, ogm_coefficients_from_scores, ogm_scores
 from blendtune.models import ModelOutput
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy
 
 
-@STRATEGIES.register("ogm")
-class OGM(BalancingStrategy):
-    config_section = "ogm"
-    use_noise = False  # OGM-GE sets this
+@dataclass
+class OGMOptions:
+    """Shared by ogm and ogm_ge (config section `ogm`); ogm ignores `noise_scale`."""
+    alpha: float = 0.8
+    noise_scale: float = 1.0     # GE noise std as a multiple of the unmodulated gradient's std (ogm_ge)
+    modulation_start: int = 1
+    modulation_end: int = 50
+    params: str = "all"          # all: every encoder parameter | conv: conv weights only (official code)
 
-    def __init__(self, alpha: float, noise_scale: float, modulation_start: int, modulation_end: int,
-                 params: str = "all"):
-        self.alpha = alpha
-        self.noise_scale = noise_scale if self.use_noise else 0.0
-        self.modulation_start = modulation_start
-        self.modulation_end = modulation_end
-        self.params = params
+    def validate(self) -> None:
+        for key in ("alpha", "noise_scale"):
+            if getattr(self, key) < 0:
+                raise OptionError(key, f"expected >= 0, got {getattr(self, key)}")
+        if self.params not in ("all", "conv"):
+            raise OptionError("params", f"expected one of all, conv, got {self.params!r}")
+
+
+@STRATEGIES.register("ogm", options=OGMOptions)
+class OGM(BalancingStrategy):
+    use_noise = False  # OGM-GE sets this
+    ignored_options = ("noise_scale",)
+
+    def __init__(self, options: OGMOptions):
+        super().__init__(options)
+        self.alpha = options.alpha
+        self.noise_scale = options.noise_scale if self.use_noise else 0.0
+        self.modulation_start = options.modulation_start
+        self.modulation_end = options.modulation_end
+        self.params = options.params
 
     def setup(self, model, seed, total_epochs):
         super().setup(model, seed, total_epochs)

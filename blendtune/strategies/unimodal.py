@@ -1,27 +1,31 @@
 """One modality alone: its encoder and head trained on its own loss; read its head's accuracy."""
+from dataclasses import dataclass
+
 import torch
 
+from blendtune.errors import OptionError
 from blendtune.functional import classification_loss
-
-from blendtune.errors import UserError
 from blendtune.models import ModelOutput
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy
 
 
-@STRATEGIES.register("unimodal")
+@dataclass
+class UnimodalOptions:
+    modality: str = ""           # the modality to train (required)
+
+
+@STRATEGIES.register("unimodal", options=UnimodalOptions)
 class Unimodal(BalancingStrategy):
-    config_section = "unimodal"
+    options: UnimodalOptions
     detach_unimodal_heads = False
     trains_all_parameters = False  # the other encoders and the fused head get no gradient
-
-    def __init__(self, modality: str):
-        self.modality = modality
+    required_options = ("modality",)
 
     def setup(self, model, seed, total_epochs):
         super().setup(model, seed, total_epochs)
-        if self.modality not in model.modalities:
-            raise UserError(f"config key 'unimodal.modality': expected one of {', '.join(model.modalities)}, "
-                            f"got {self.modality!r}")
+        if self.options.modality not in model.modalities:
+            raise OptionError("modality", f"expected one of {', '.join(model.modalities)}, "
+                                          f"got {self.options.modality!r}")
 
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
-        return classification_loss(out.logits[self.modality], targets)
+        return classification_loss(out.logits[self.options.modality], targets)

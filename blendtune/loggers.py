@@ -1,10 +1,19 @@
-"""Where per-epoch metrics go: `metrics.jsonl` in the run directory and a compact table on stdout."""
+"""Where each epoch's metrics go: `metrics.jsonl` in the run directory, a compact table on stdout, and
+Weights & Biases (one run per training run / sweep trial, `epoch` as the step, grouped by sweep).
+
+W&B is offline by default (no key needed; `wandb sync DIR` uploads later). Set WANDB_MODE=online (or
+log in with a key) to stream. `wandb=false` in the config turns it off.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
+from typing import Callable
+
+from blendtune.evaluation import score_name
 
 
 def _json_safe(value):
@@ -48,8 +57,40 @@ class EpochTable:
             print("  ".join(f"{c:>10}" for c in cols), file=self.stream)
             self.printed_header = True
         values = [f"{metrics['epoch']:>10d}"]
-        score = "acc" if f"acc/test/{self.heads[0]}" in metrics else "map"
+        score = score_name(metrics)
         values += [f"{metrics.get(f'{score}/test/{h}', float('nan')):>10.4f}" for h in self.heads + ["ensemble"]]
         values += [f"{metrics[k]:>10.3f}" for k in extra]
         values.append(f"{metrics.get('time/epoch_s', 0.0):>10.1f}")
         print("  ".join(values), file=self.stream, flush=True)
+
+
+def wandb_mode() -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class WandbLogger:
+    def __init__(self, directory: Path, config: dict, run_id: str, name: str, project: str,
+                 group: str | None = None, entity: str | None = None):
+        import wandb  # imported here: runs without W&B never pay for it
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, entity=entity, group=group, name=name, id=run_id, config=config,
+                              dir=str(directory), mode=wandb_mode(), resume="allow", reinit="create_new",
+                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+
+    def __call__(self, metrics: dict) -> None:
+        self.run.log({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def close_loggers(loggers) -> None:
+    for logger in loggers:
+        if hasattr(logger, "close"):
+            logger.close()
+
+
+Logger = Callable[[dict], None]

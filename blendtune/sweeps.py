@@ -9,22 +9,34 @@ own latest checkpoint; when Tune stops such a trial early its worker placement g
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from blendtune.config import ExperimentConfig, config_from_dict, to_dict, to_yaml, with_overrides
+from blendtune import worker
+from blendtune.devices import wants_gpu
 from blendtune.errors import TrainingDiverged, UserError
-from blendtune.launch import (close_loggers, epoch_loggers, init_ray, load_ray_checkpoint, save_ray_checkpoint,
-                              torch_trainer, worker_cpus)
-from blendtune.loop import Trainer
-from blendtune.runs import CONFIG_FILE
-from blendtune.search_space import Distribution, validate_space
+from blendtune.launch import init_ray, report_with_checkpoint, restore_from_ray, torch_trainer, worker_cpus
 
 EXPERIMENT = "tune"          # the Tune experiment's folder inside the sweep's storage path
 SWEEP_FILE = "sweep.json"    # what a resume needs besides config.yaml: the space and the storage path
 VARIANT = "variant"          # a grid entry that sets several keys at once (compare: strategy + options)
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One key of a search space: `choice`, `grid`, `uniform`, `loguniform` or `randint` and its arguments."""
+    kind: str
+    args: tuple
+
+    def examples(self) -> list[Any]:
+        """Values that must all be valid for the key: every option, or both ends of a range."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        low, high = self.args
+        return [low, high - 1] if self.kind == "randint" else [low, high]
 
 
 def tune_domain(dist: Distribution):
@@ -49,46 +61,45 @@ def model_checksum(model: torch.nn.Module) -> float:
 
 
 def trial_overrides(sample: dict) -> dict:
+    """Tune's sample of the space -> the dotted config keys it sets (a variant sets several)."""
     sample = dict(sample)
     return {**sample.pop(VARIANT, {}), **sample}
 
 
-def run_trial(sample: dict, base: dict, sweep_name: str, train_storage: str) -> None:
-    """The Tune trainable: one configuration of the space, trained to `train.epochs`."""
+def run_trial(sample: dict, trial_config: Callable[[dict], Any], sweep_name: str, train_storage: str) -> None:
+    """The Tune trainable: one configuration of the space, trained to `train.epochs`.
+    `trial_config` (from blendtune.config) turns the trial's overrides into a validated config."""
     from ray import tune
 
-    cfg = with_overrides(config_from_dict(base), trial_overrides(sample))
+    cfg = trial_config(trial_overrides(sample))
     context = tune.get_context()
     trial_dir, trial_id, trial_name = Path(context.get_trial_dir()), context.get_trial_id(), context.get_trial_name()
     if cfg.workers > 1:
         return _run_trial_on_train_workers(cfg, trial_dir, trial_id, trial_name, sweep_name, train_storage)
 
-    trainer = Trainer(cfg)
-    checkpoint = tune.get_checkpoint()
-    restored = {}
-    if checkpoint is not None:  # a resumed sweep, a retried trial, or a PBT exploit of another trial's weights
-        load_ray_checkpoint(trainer, checkpoint)
-        trainer.apply_config_lr()
-        restored = {"restored/epoch": trainer.epoch, "restored/checksum": model_checksum(trainer.model)}
-    loggers = epoch_loggers(cfg, trial_dir, trainer.epoch if checkpoint is not None else None,
-                            trainer.model.head_names, run_id=f"{sweep_name}-{trial_id}", run_name=trial_name,
-                            group=sweep_name, table=False)
-
     import ray
     node_id = ray.get_runtime_context().get_node_id()
+    checkpoint = tune.get_checkpoint()  # a resumed sweep, a retried trial, or a PBT exploit of another's weights
+    restored: dict = {}
 
-    def report(metrics: dict, checkpoint=None) -> None:
-        tune.report({**metrics, **restored, "model/checksum": model_checksum(trainer.model), "node_id": node_id},
-                    checkpoint=checkpoint)
-        restored.clear()
+    def restore(trainer) -> None:
+        restore_from_ray(checkpoint)(trainer)
+        restored.update({"restored/epoch": trainer.epoch, "restored/checksum": model_checksum(trainer.model)})
 
-    trainer.callbacks = loggers + [lambda m: save_ray_checkpoint(trainer, report, m, tune.Checkpoint)]
+    def report(metrics: dict, trainer) -> None:
+        def to_tune(m: dict, checkpoint=None) -> None:
+            tune.report({**m, **restored, "model/checksum": model_checksum(trainer.model), "node_id": node_id},
+                        checkpoint=checkpoint)
+            restored.clear()
+        report_with_checkpoint(trainer, to_tune, metrics, tune.Checkpoint)
+
+    spec = worker.RunSpec(log_dir=trial_dir, run_id=f"{sweep_name}-{trial_id}", run_name=trial_name,
+                          group=sweep_name, restore=restore if checkpoint is not None else None,
+                          restored_lr_from_config=True, report=report)
     try:
-        trainer.fit()
+        worker.run(cfg, spec)
     except TrainingDiverged as e:  # a bad corner of the space: the trial ends, the sweep goes on
         (trial_dir / "diverged.txt").write_text(str(e) + "\n")
-    finally:
-        close_loggers(loggers)
 
 
 def _run_trial_on_train_workers(cfg, trial_dir, trial_id, trial_name, sweep_name, train_storage) -> None:
@@ -188,7 +199,7 @@ def _release_train_workers_callback():
     return ReleaseTrainWorkers()
 
 
-def _search_and_scheduler(cfg: ExperimentConfig, space: dict[str, Distribution]):
+def _search_and_scheduler(cfg, space: dict[str, Distribution]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     s = cfg.sweep
@@ -217,18 +228,18 @@ def _search_and_scheduler(cfg: ExperimentConfig, space: dict[str, Distribution])
     return search, scheduler
 
 
-def _trainable(cfg: ExperimentConfig, sweep_name: str, storage: str):
+def _trainable(cfg, trial_config: Callable[[dict], Any], sweep_name: str, storage: str):
     from ray import tune
 
-    use_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
-    trainable = tune.with_parameters(run_trial, base=to_dict(cfg), sweep_name=sweep_name,
+    use_gpu = wants_gpu(cfg.train.device)
+    trainable = tune.with_parameters(run_trial, trial_config=trial_config, sweep_name=sweep_name,
                                      train_storage=f"{storage.rstrip('/')}/train_runs")
     if cfg.workers > 1:  # the trial only drives its TorchTrainer; the workers hold the resources
         return tune.with_resources(trainable, {"cpu": 0.001})
     return tune.with_resources(trainable, {"cpu": worker_cpus(cfg), "gpu": 1 if use_gpu else 0})
 
 
-def _trials_that_fit(cfg: ExperimentConfig) -> int | None:
+def _trials_that_fit(cfg) -> int | None:
     """Multi-worker trials hold no Tune resources of their own, so Tune cannot see that a second one
     would only wait for workers: run as many as the cluster's CPUs hold now (None: Tune decides)."""
     import ray
@@ -238,40 +249,25 @@ def _trials_that_fit(cfg: ExperimentConfig) -> int | None:
     return max(1, int(cpus * 0.99 // (cfg.workers * worker_cpus(cfg))))  # 0.99: the trials' own 0.001 CPU
 
 
-def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], variants: list[dict] | None,
-                     kind: str = "sweep") -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.output_dir) / f"{cfg.name}-{kind}-{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
-    storage = cfg.sweep.storage_path or str(run_dir.resolve())
-    (run_dir / SWEEP_FILE).write_text(json.dumps({
-        "space": {k: {d.kind: list(d.args)} for k, d in space.items()}, "variants": variants,
-        "storage_path": storage}, indent=1))
-    return run_dir
-
-
-def run_sweep(cfg: ExperimentConfig, space: dict[str, Distribution], run_dir: Path,
+def run_sweep(cfg, space: dict[str, Distribution], run_dir: Path, trial_config: Callable[[dict], Any],
               variants: list[dict] | None = None, resume: bool = False):
-    """Run (or resume) the Tune experiment of `run_dir`; returns Tune's ResultGrid."""
+    """Run (or resume) the Tune experiment of `run_dir` (made and validated by blendtune.runs);
+    `trial_config(overrides)` builds each trial's config. Returns Tune's ResultGrid."""
     import ray
 
-    validate_space(space, cfg)
-    if cfg.sweep.metric.split("/")[1:2] == ["held_out"] and cfg.data.held_out_ratio <= 0 and "data.held_out_ratio" not in space:
-        raise UserError(f"config key 'sweep.metric': {cfg.sweep.metric!r} needs a held-out split (data.held_out_ratio > 0)")
     storage = json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"]
     started = init_ray(cfg.sweep.address, log_to_driver=False)  # trials log to files, W&B and Tune's table
     try:
-        return _fit(cfg, space, run_dir, variants, resume, storage)
+        return _fit(cfg, space, run_dir, trial_config, variants, resume, storage)
     finally:
         if started:
             ray.shutdown()
 
 
-def _fit(cfg, space, run_dir, variants, resume, storage):
+def _fit(cfg, space, run_dir, trial_config, variants, resume, storage):
     from ray import tune
 
-    trainable = _trainable(cfg, run_dir.name, storage)
+    trainable = _trainable(cfg, trial_config, run_dir.name, storage)
     callbacks = [_release_train_workers_callback()]
     if "://" not in storage:
         callbacks.append(_experiment_state_backup_callback(Path(storage) / EXPERIMENT))
@@ -300,13 +296,3 @@ def _fit(cfg, space, run_dir, variants, resume, storage):
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if s.scheduler != "pbt" else 8),
                                       verbose=1))
     return tuner.fit()
-
-
-def load_sweep(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Distribution], list[dict] | None]:
-    from blendtune.config import load_config
-    from blendtune.search_space import parse_space
-
-    if not (run_dir / SWEEP_FILE).is_file():
-        raise UserError(f"'{run_dir}' is not a blendtune sweep directory (no {SWEEP_FILE})")
-    saved = json.loads((run_dir / SWEEP_FILE).read_text())
-    return load_config(run_dir / CONFIG_FILE), parse_space(saved["space"], str(run_dir / SWEEP_FILE)), saved["variants"]

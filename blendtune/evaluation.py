@@ -1,0 +1,129 @@
+"""Evaluation of every head on every split, and the metrics made from it (accuracy, macro-F1, mAP, OGR).
+
+The loop hands in batches already on the device; nothing here knows about loaders or configs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Sampler
+
+from blendtune import distributed
+from blendtune.functional import average_precision, classification_loss, ogr
+from blendtune.models import LateFusionClassifier
+
+ENSEMBLE = "ensemble"  # mean of the k + 1 heads' probabilities, reported beside each head
+
+
+@dataclass
+class HeadStats:
+    loss: float
+    acc: float | None = None   # single-label
+    f1: float | None = None    # macro-F1, single-label
+    map: float | None = None   # mean average precision over classes, multi-label
+
+
+class Evaluation:
+    """Per split ('train' = T or T', 'held_out' = V, 'test'), per head: loss, accuracy, macro-F1 (or mAP)."""
+
+    def __init__(self, splits: dict[str, dict[str, HeadStats]]):
+        self.splits = splits
+
+    def losses(self) -> dict[str, dict[str, float]]:
+        return {s: {h: st.loss for h, st in heads.items() if h != ENSEMBLE} for s, heads in self.splits.items()}
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for split, heads in self.splits.items():
+            for head, st in heads.items():
+                for name in ("acc", "f1", "map"):
+                    if getattr(st, name) is not None:
+                        out[f"{name}/{split}/{head}"] = getattr(st, name)
+                if head != ENSEMBLE:
+                    out[f"loss/{split}/{head}"] = st.loss
+        return out
+
+
+def score_name(metrics: Mapping[str, object] | Iterable[str]) -> str:
+    """The headline score of a run's metrics: 'acc' (single-label) or 'map' (multi-label data)."""
+    return "map" if any(str(k).startswith("map/") for k in metrics) else "acc"
+
+
+class ShardSampler(Sampler):
+    """Every rank evaluates a disjoint slice; no padding, so summed counts are exact."""
+
+    def __init__(self, n: int):
+        self.indices = list(range(distributed.rank(), n, distributed.world_size()))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+@torch.no_grad()
+def evaluate_heads(model: LateFusionClassifier, batches: Iterable[tuple[dict, torch.Tensor]], num_classes: int,
+                   multilabel: bool, device: torch.device,
+                   autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, HeadStats]:
+    """Loss and accuracy / macro-F1 (mAP when multi-label) of every head and the ensemble over `batches`
+    (this rank's shard), summed over ranks."""
+    was_training = model.training
+    model.eval()
+    heads = model.head_names + [ENSEMBLE]
+    c = num_classes
+    loss_sum = torch.zeros(len(heads), device=device, dtype=torch.float64)
+    confusion = torch.zeros(len(heads), c * c, device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    scores, labels = [], []  # multi-label: every score, for average precision
+    for inputs, targets in batches:
+        if len(targets) == 0:
+            continue
+        with autocast():
+            out = model(inputs)
+        logits = [out.logits[h].float() for h in model.head_names]
+        count += len(targets)
+        for i, lg in enumerate(logits):
+            loss_sum[i] += classification_loss(lg, targets, reduction="sum")
+        if multilabel:
+            probs = torch.stack([lg.sigmoid() for lg in logits])
+            ensemble = probs.mean(dim=0)
+            loss_sum[-1] += F.binary_cross_entropy(ensemble, targets, reduction="none").mean(1).sum()
+            scores.append(torch.cat([probs, ensemble[None]]).cpu())
+            labels.append(targets.cpu())
+            continue
+        probs = torch.stack([lg.softmax(dim=1) for lg in logits]).mean(dim=0)
+        for i, lg in enumerate(logits):
+            confusion[i] += torch.bincount(targets * c + lg.argmax(1), minlength=c * c)
+        loss_sum[-1] += F.nll_loss(probs.clamp_min(1e-12).log(), targets, reduction="sum")
+        confusion[-1] += torch.bincount(targets * c + probs.argmax(1), minlength=c * c)
+    distributed.all_reduce_sum_(loss_sum)
+    distributed.all_reduce_sum_(confusion)
+    distributed.all_reduce_sum_(count)
+    model.train(was_training)
+    n = count.clamp_min(1)
+    if multilabel:
+        scores, labels = distributed.gather_cat(scores, dim=1), distributed.gather_cat(labels, dim=0)
+        aps = [average_precision(scores[i], labels).nanmean() for i in range(len(heads))]
+        return {h: HeadStats(loss=float(loss_sum[i] / n), map=float(aps[i])) for i, h in enumerate(heads)}
+    confusion = confusion.view(len(heads), c, c)
+    tp = confusion.diagonal(dim1=1, dim2=2)
+    f1 = (2 * tp / (confusion.sum(1) + confusion.sum(2)).clamp_min(1)).mean(1)
+    acc = tp.sum(1) / n
+    return {h: HeadStats(loss=float(loss_sum[i] / n), acc=float(acc[i]), f1=float(f1[i]))
+            for i, h in enumerate(heads)}
+
+
+def ogr_metrics(before: dict | None, after: dict) -> dict[str, float]:
+    """Each head's OGR over the last epoch from two `Evaluation.losses()` (reported for every strategy)."""
+    if before is None or "held_out" not in after or "held_out" not in before:
+        return {}
+    out = {}
+    for head in after["train"]:
+        s = ogr(before["train"][head], before["held_out"][head], after["train"][head], after["held_out"][head])
+        out[f"ogr/{head}"], out[f"ogr/delta_g/{head}"], out[f"ogr/delta_o/{head}"] = s.ogr, s.delta_g, s.delta_o
+    return out
