@@ -158,3 +158,18 @@ def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     trainer = build_trainer(cfg, tmp_path)
     with pytest.raises(TrainingDiverged, match="loss became .* in epoch"):
         trainer.fit()
+
+
+@pytest.mark.parametrize("amp", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])
+@pytest.mark.parametrize("strategy", sorted(SETTINGS))
+def test_every_strategy_and_fusion_trains_under_each_precision(strategy, fusion, amp):
+    # CPU autocast (bf16 and fp16) catches the dtype bugs a GPU would hit: OGM once scored bf16
+    # features against fp32 weights and crashed at its first step.
+    cfg = _cfg(strategy, [f"train.amp={amp}", f"model.fusion={fusion}", "train.epochs=1",
+                          "data.synthetic.num_train=96", "data.synthetic.num_test=32"])
+    trainer = build_trainer(cfg)
+    metrics = trainer.fit()
+    assert trainer.amp_dtype == {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert torch.isfinite(torch.tensor(metrics["loss/objective"]))
+    assert 0.0 <= metrics["acc/test/fused"] <= 1.0

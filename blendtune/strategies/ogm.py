@@ -62,7 +62,8 @@ class OGM(BalancingStrategy):
     def unimodal_logits(self, out: ModelOutput) -> dict[str, torch.Tensor]:
         """The paper scores each modality through its share of the fused classifier (concat: W_u, b/k;
         sum: its own branch). Fusions without such a share (film, gated) use the uni-modal heads."""
-        feats = {m: f.detach() for m, f in out.features.items()}
+        # Features come out of autocast in bf16/fp16; scored here, outside it, against fp32 weights: in fp32.
+        feats = {m: f.detach().float() for m, f in out.features.items()}
         with torch.no_grad():
             if hasattr(self.model.fusion, "unimodal_logits"):
                 return self.model.fusion.unimodal_logits(feats)
