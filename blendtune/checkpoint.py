@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no checkpoint at '{path}'")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object: never load it any other way
+        raise UserError(f"refused checkpoint '{path}': it holds objects other than tensors and plain containers "
+                        "(blendtune reads checkpoints with weights_only=True)") from None
     except Exception as e:
-        raise UserError(f"cannot load checkpoint '{path}' (tensors and plain containers expected): {e}") from None
+        raise UserError(f"cannot load checkpoint '{path}': {str(e).strip().splitlines()[0]}") from None
 
 
 def rng_state() -> dict[str, Any]:

@@ -107,6 +107,7 @@ def sweep_command(args) -> Path:
             raise UserError("blendtune sweep: give an experiment YAML and --space SPACE.yaml")
         cfg, space = load_config(args.experiment, args.overrides), load_search_space(args.space)
         check_sweep(cfg, space, source=args.space)
+        check_data_root(cfg)
         return create_sweep_dir(cfg, space, None), cfg, space, None
     return _run_sweep_command(args, new_sweep, "sweep")
 
@@ -130,6 +131,7 @@ def compare_command(args) -> Path:
             with_overrides(cfg, variant)
         space = {"seed": Distribution("grid", tuple(range(args.seeds)))}
         check_sweep(cfg, space, variants)
+        check_data_root(cfg)
         return create_sweep_dir(cfg, space, variants, kind="compare"), cfg, space, variants
     run_dir = _run_sweep_command(args, new_comparison, "compare")
     print(write_report(run_dir).read_text())
@@ -149,6 +151,7 @@ def _run_sweep_command(args, new_sweep, kind: str) -> Path:
         cfg, space, variants = load_sweep(run_dir)
     else:
         run_dir, cfg, space, variants = new_sweep()
+    _started(run_dir, kind)
     print(f"{kind} dir: {run_dir}", flush=True)
     results = run_sweep(cfg, space, run_dir, TrialConfig(cfg), variants, resume=bool(args.resume))
     _summarise(results, cfg)
@@ -169,22 +172,23 @@ def _summarise(results, cfg) -> None:
 
 
 def train_command(args) -> Path:
-    from blendtune.config import check_keys_are_used, load_config, to_yaml
+    from blendtune.config import check_keys_are_used, load_config
     from blendtune.evaluation import score_name
-    from blendtune.runs import CONFIG_FILE, create_run_dir, load_run_config
+    from blendtune.runs import create_run_dir, resume_config, write_config
 
     overrides = _split_resume(args)
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_run_config(run_dir, overrides)
-        check_keys_are_used(cfg)
-        (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        cfg = resume_config(run_dir, overrides)  # every check first: the run's files stay as they were if one fails
+        write_config(run_dir, cfg)
     else:
         if not args.experiment:
             raise UserError("blendtune train: give an experiment YAML (e.g. experiments/synthetic_gblend.yaml)")
         cfg = load_config(args.experiment, overrides)
         check_keys_are_used(cfg)
+        check_data_root(cfg)
         run_dir = create_run_dir(cfg)
+    _started(run_dir, "train")
     print(f"run dir: {run_dir}", flush=True)
 
     from blendtune.launch import train_locally, train_with_ray
@@ -195,6 +199,21 @@ def train_command(args) -> Path:
         name = "accuracy" if score == "acc" else "mAP"
         print(f"final test {name}: " + ", ".join(f"{h} {final[f'{score}/test/{h}']:.4f}" for h in heads))
     return run_dir
+
+
+_RUNNING: dict = {}  # the directory of the run or sweep in progress, for the Ctrl-C message
+
+
+def _started(run_dir: Path, kind: str) -> None:
+    _RUNNING.update(run_dir=run_dir, kind=kind)
+
+
+def check_data_root(cfg) -> None:
+    """A dataset read from files needs its root: the same one line whether training or sweeping, and
+    before a directory is made or Ray starts."""
+    from blendtune.data import DATASETS, data_root
+    if not cfg.data._target_ and getattr(DATASETS.get(cfg.data.dataset), "reads_files", True):
+        data_root(cfg.data.root)
 
 
 def user_message(e: UserError) -> str:
@@ -233,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blendtune: error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("blendtune: interrupted; resume with `blendtune train --resume RUN_DIR`", file=sys.stderr)
+        if _RUNNING:
+            print(f"blendtune: interrupted; resume with `blendtune {_RUNNING['kind']} --resume {_RUNNING['run_dir']}`",
+                  file=sys.stderr)
+        else:
+            print("blendtune: interrupted", file=sys.stderr)
         return 130
 
 

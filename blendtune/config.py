@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from blendtune.data import DATASETS
 from blendtune.devices import PRECISIONS
 from blendtune.errors import OptionError, UserError
+from blendtune.loggers import flat_dict
 from blendtune.models import ENCODERS, FUSIONS
 from blendtune.optim import OPTIMIZERS, SCHEDULES
 from blendtune.strategies import STRATEGIES
@@ -193,16 +194,7 @@ def to_dict(config: ExperimentConfig) -> dict:
 
 def flat_keys(config: ExperimentConfig) -> dict[str, object]:
     """{'optim.lr': 0.01, ...}: the dotted keys that overrides and sweep spaces use."""
-    out: dict[str, object] = {}
-
-    def walk(prefix: str, node: object) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            out[prefix] = node
-    walk("", to_dict(config))
-    return out
+    return flat_dict(to_dict(config))
 
 
 def _merge(base, other, source: str):

@@ -94,3 +94,17 @@ def close_loggers(loggers) -> None:
 
 
 Logger = Callable[[dict], None]
+
+
+def flat_dict(nested: dict) -> dict:
+    """{'optim': {'lr': 0.01}} -> {'optim.lr': 0.01}: the dotted keys overrides, spaces and W&B use."""
+    out: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+    walk("", nested)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -53,6 +54,24 @@ def per_worker_batch_size(global_batch: int, workers: int) -> int:
     return global_batch // workers
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def capped_loader_workers(requested: int) -> int:
+    """More loader processes than CPUs only compete with each other (and flood the terminal with
+    DataLoader warnings): at most one per CPU, said in one line."""
+    cpus = available_cpus()
+    if requested > cpus:
+        print(f"blendtune: note: data.num_workers={requested} capped to the {cpus} CPUs available", file=sys.stderr,
+              flush=True)
+        return cpus
+    return requested
+
+
 class LoopContext:
     """The narrow view of the loop that strategies' epoch hooks get (`strategies.TrainingContext`)."""
 
@@ -90,6 +109,7 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler or torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
         self.scaler = self._grad_scaler()
+        self.loader_workers = capped_loader_workers(o.num_workers)
         self.batch_size = per_worker_batch_size(o.batch_size, distributed.world_size())
         self.train_sampler = self._sampler(o.seed)
         self.train_loader = self._loader(splits.train, self.batch_size, self.train_sampler, persistent=True)
@@ -115,7 +135,7 @@ class Trainer:
                                   shuffle=True, seed=seed)
 
     def _loader(self, dataset, batch_size: int, sampler, persistent: bool = False) -> DataLoader:
-        workers = self.options.num_workers
+        workers = self.loader_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=getattr(dataset, "collate_fn", None), pin_memory=self.device.type == "cuda",
                           persistent_workers=persistent and workers > 0)
@@ -141,7 +161,7 @@ class Trainer:
         if self.epoch == 0:
             evaluation = self.evaluate(self.model)
             self.strategy.on_epoch_end(0, evaluation, self.context)
-            self.strategy.epoch_metrics()  # epoch 0 is a measurement, not a logged epoch
+            self.strategy.pop_epoch_metrics()  # epoch 0 is a measurement, not a logged epoch
             self.last_losses = evaluation.losses()
         for epoch in range(self.epoch + 1, self.options.epochs + 1):
             began = time.perf_counter()
@@ -153,7 +173,7 @@ class Trainer:
             metrics = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                        "loss/objective": train_loss, **evaluation.metrics(),
                        **ogr_metrics(self.last_losses, evaluation.losses()),
-                       **self.strategy.epoch_metrics(), **self._skipped_metrics(),
+                       **self.strategy.pop_epoch_metrics(), **self._skipped_metrics(),
                        "time/epoch_s": time.perf_counter() - began}
             self.epoch, self.last_losses = epoch, evaluation.losses()
             for callback in self.callbacks:

@@ -4,27 +4,71 @@ config it records has been validated."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from pathlib import Path
 
-from blendtune.config import ExperimentConfig, load_config, to_yaml
+from blendtune.checkpoint import load_checkpoint
+from blendtune.config import ExperimentConfig, flat_keys, load_config, to_yaml
 from blendtune.errors import UserError
 from blendtune.search_space import parse_space
 from blendtune.sweeps import SWEEP_FILE, Distribution
 from blendtune.worker import CHECKPOINT, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
-__all__ = ["CHECKPOINT", "CONFIG_FILE", "METRICS_FILE", "create_run_dir", "load_run_config", "create_sweep_dir",
-           "load_sweep"]
+__all__ = ["CHECKPOINT", "CONFIG_FILE", "METRICS_FILE", "RESUME_SAFE_KEYS", "create_run_dir", "create_sweep_dir",
+           "load_run_config", "load_sweep", "resume_config", "write_config"]
+
+
+# What `train --resume RUN key=value` may change: how long and where it runs, how it logs. Anything else
+# (strategy, data, model, optimizer...) would make the resumed run a different experiment.
+RESUME_SAFE_KEYS = ("train.epochs", "train.progress", "train.checkpoint_every", "train.device", "data.root",
+                    "data.num_workers", "data.eval_batch_size", "wandb", "wandb_project", "wandb_entity",
+                    "max_failures", "sweep.address", "sweep.cpus_per_worker")
+
+
+def _make_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except OSError as e:
+        raise UserError(f"config key 'output_dir': cannot create '{run_dir}': {e.strerror or e}") from None
+
+
+def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """config.yaml, replaced atomically: a crash mid-write leaves the previous one."""
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    try:
+        tmp.write_text(to_yaml(cfg))
+        os.replace(tmp, run_dir / CONFIG_FILE)
+    except OSError as e:
+        raise UserError(f"cannot write '{run_dir / CONFIG_FILE}': {e.strerror or e}") from None
 
 
 def create_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{secrets.token_hex(2)}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    _make_dir(run_dir)
+    write_config(run_dir, cfg)
     return run_dir
+
+
+def resume_config(run_dir: Path, overrides=()) -> ExperimentConfig:
+    """The config a resume of `run_dir` runs with, after every check that can refuse it: only
+    RESUME_SAFE_KEYS may change, the checkpoint must load, and `train.epochs` must lie beyond it.
+    Nothing is written here; the caller writes config.yaml once this returns."""
+    saved = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    before, after = flat_keys(saved), flat_keys(cfg)
+    unsafe = sorted(k for k in after if after[k] != before.get(k) and k not in RESUME_SAFE_KEYS)
+    if unsafe:
+        raise UserError(f"--resume {run_dir}: {', '.join(unsafe)} cannot change when resuming (a resume may change "
+                        f"only {', '.join(RESUME_SAFE_KEYS)}); start a new run for a different experiment")
+    epoch = int(load_checkpoint(Path(run_dir) / CHECKPOINT)["epoch"])
+    if cfg.train.epochs <= epoch:
+        raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {epoch}, so train.epochs={cfg.train.epochs} "
+                        f"leaves nothing to train; give train.epochs={epoch + 1} or more to extend it")
+    return cfg
 
 
 def load_run_config(run_dir: Path, overrides=()) -> ExperimentConfig:
@@ -39,8 +83,8 @@ def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], vari
                      kind: str = "sweep") -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / f"{cfg.name}-{kind}-{stamp}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    _make_dir(run_dir)
+    write_config(run_dir, cfg)
     storage = cfg.sweep.storage_path or str(run_dir.resolve())
     (run_dir / SWEEP_FILE).write_text(json.dumps({
         "space": {k: {d.kind: list(d.args)} for k, d in space.items()}, "variants": variants,

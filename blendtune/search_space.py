@@ -87,6 +87,10 @@ def check_sweep(cfg: ExperimentConfig, space: dict[str, Distribution], variants:
     if cfg.sweep.metric.split("/")[1:2] == ["held_out"] and cfg.data.held_out_ratio <= 0 \
             and "data.held_out_ratio" not in space:
         raise UserError(f"config key 'sweep.metric': {cfg.sweep.metric!r} needs a held-out split (data.held_out_ratio > 0)")
+    epochs = min(_values("train.epochs", cfg.train.epochs, space, variants))
+    if cfg.sweep.scheduler == "asha" and cfg.sweep.grace_period > epochs:
+        raise UserError(f"config keys 'sweep.grace_period' ({cfg.sweep.grace_period}) and 'train.epochs' ({epochs}): "
+                        "ASHA's grace period must be at most the epochs a trial trains")
     strategies = _values("strategy", cfg.strategy, space, variants)
     datasets = _values("data.dataset", cfg.data.dataset, space, variants)
     check_keys_are_used(cfg, strategies, datasets)

@@ -23,7 +23,7 @@ from blendtune import distributed
 from blendtune.data import as_dataset, build_splits, make_splits
 from blendtune.devices import resolve_device
 from blendtune.errors import OptionError, UserError
-from blendtune.loggers import EpochTable, MetricsFile, WandbLogger, close_loggers
+from blendtune.loggers import EpochTable, MetricsFile, WandbLogger, close_loggers, flat_dict
 from blendtune.loop import Trainer, TrainOptions
 from blendtune.models import EncoderSpec, build_late_fusion, classifier_for, encoders_for
 from blendtune.optim import build_optimizer, build_scheduler
@@ -87,16 +87,7 @@ def epoch_loggers(cfg, log_dir: Path, resume_epoch: int | None, heads: list[str]
 
 def flat_values(cfg) -> dict[str, Any]:
     """{'optim.lr': 0.01, ...} of a config dataclass (the W&B run config)."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            out[prefix] = node
-    walk("", dataclasses.asdict(cfg))
-    return out
+    return flat_dict(dataclasses.asdict(cfg))
 
 
 # ---- the parts ----------------------------------------------------------------------------------

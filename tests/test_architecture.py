@@ -2,7 +2,6 @@
 keys no strategy of the run reads are errors."""
 import ast
 import dataclasses
-from pathlib import Path
 
 import pytest
 

@@ -115,7 +115,7 @@ def test_ogm_lowers_the_dominant_encoders_gradient_norm_only():
     assert coeff["clean"] < 1.0 and coeff["memorizable"] == 1.0
     assert after["clean"] == pytest.approx(coeff["clean"] * before["clean"], rel=1e-4)
     assert after["memorizable"] == pytest.approx(before["memorizable"], rel=1e-6)
-    metrics = strategy.epoch_metrics()
+    metrics = strategy.pop_epoch_metrics()
     assert metrics["ogm/coeff/clean"] == pytest.approx(coeff["clean"], rel=1e-5)
     assert metrics["ogm/rho/clean"] > 1.0
 

@@ -12,6 +12,9 @@ from torch import nn
 from blendtune.errors import UserError
 
 
+MIN_CLIP_S = 0.1  # shorter clips (the shortest FSDD digit is 0.14 s) are flagged: a broken or truncated file
+
+
 @functools.lru_cache(maxsize=16)
 def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
     # The resampling kernel is built once per rate pair, not per clip.

@@ -19,10 +19,11 @@ from torch.utils.data import Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from blendtune.data.audio import LogSpectrogram, fit_to_window, read_clip
+from blendtune.data.audio import MIN_CLIP_S, LogSpectrogram, fit_to_window, read_clip
 from blendtune.data.base import DatasetAdapter, DataCheck, Problem, data_root
 from blendtune.errors import OptionError, UserError
 
+SHORT_CLIP = "short clip"  # decodable, so training only warns; `data check` lists it as a problem
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SPLITS = ("train", "test")
 
@@ -110,12 +111,16 @@ def sample_problem(sample: Sample, decode: bool) -> Problem | None:
     if not sample.audio.is_file():
         return Problem("missing file", str(sample.audio))
     try:
+        info = soundfile.info(str(sample.audio))
         if decode:
-            read_clip(sample.audio, soundfile.info(str(sample.audio)).samplerate)
-        elif soundfile.info(str(sample.audio)).frames == 0:
+            read_clip(sample.audio, info.samplerate)
+        elif info.frames == 0:
             return Problem("undecodable WAV", str(sample.audio), "no samples")
     except Exception as e:
         return Problem("undecodable WAV", str(sample.audio), str(e).splitlines()[0])
+    if info.frames < MIN_CLIP_S * info.samplerate:
+        return Problem(SHORT_CLIP, str(sample.audio),
+                       f"{info.frames} samples = {info.frames / info.samplerate:.3f} s, under {MIN_CLIP_S} s")
     if sample.frames is None:
         return None
     if not sample.frames.is_dir():
@@ -136,6 +141,12 @@ def scan(samples: list[Sample], decode: bool) -> list[Problem | None]:
     # Decoding is in C (libsndfile, libjpeg) and releases the GIL: threads scale.
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
         return list(pool.map(lambda s: sample_problem(s, decode), samples))
+
+
+def warn_short_clips(short: list[Problem]) -> None:
+    if short:
+        print(f"blendtune: warning: {len(short)} clip(s) shorter than {MIN_CLIP_S} s (first: {short[0].path}); "
+              "they train padded; `blendtune data check` lists them", file=sys.stderr, flush=True)
 
 
 class AudioVisualDataset(Dataset):
@@ -231,6 +242,8 @@ class AudioVisualAdapter(DatasetAdapter):
     def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
         catalog = self.catalog()
         found = scan(catalog.samples, decode=False)
+        warn_short_clips([p for p in found if p is not None and p.kind == SHORT_CLIP])
+        found = [None if p is not None and p.kind == SHORT_CLIP else p for p in found]
         problems = catalog.problems + [p for p in found if p is not None]
         if problems:
             summary = (f"{len(problems)} bad sample(s) in '{self.root}' (first: {problems[0]}); "

@@ -20,8 +20,8 @@ import torch
 import torchaudio
 import torchvision.transforms.v2.functional as TF
 
-from blendtune.data.audio import fit_to_window, read_clip
-from blendtune.data.audiovisual import scan, Sample
+from blendtune.data.audio import MIN_CLIP_S, fit_to_window, read_clip
+from blendtune.data.audiovisual import SHORT_CLIP, Sample, scan, warn_short_clips
 from blendtune.data.base import DATASETS, DataCheck, DatasetAdapter, MultimodalDataset, Problem, data_root
 from blendtune.errors import UserError
 
@@ -121,16 +121,19 @@ def avdigits(test_speakers: list[str], window_s: float, sample_rate: int, n_fft:
     problems: list[Problem] = []
     clips = list_clips(base / "fsdd" / "recordings", problems if skip_bad else None)
     length = int(round(window_s * sample_rate))
-    waves, good = [], []
+    waves, good, native_lengths = [], [], []
     for clip in clips:  # each clip decoded once; a bad one is an error, or skipped with skip_bad
         try:
-            waves.append(fit_to_window(read_clip(clip[0], sample_rate), length))
+            wave = read_clip(clip[0], sample_rate)
+            waves.append(fit_to_window(wave, length))
+            native_lengths.append(len(wave))
             good.append(clip)
         except UserError as e:
             if not skip_bad:
                 raise
             problems.append(Problem("undecodable WAV", str(clip[0]), str(e)))
     clips = good
+    warn_short_clips([Problem(SHORT_CLIP, str(c[0])) for c, n in zip(clips, native_lengths) if n < MIN_CLIP_S * sample_rate])
     if problems:
         print(f"blendtune: skipping {len(problems)} bad clip(s) (first: {problems[0]})", file=sys.stderr)
     images, labels = load_mnist(base / "mnist" / "mnist5k.npz")

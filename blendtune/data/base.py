@@ -54,6 +54,7 @@ class DataCheck:
 class DatasetAdapter:
     """One on-disk layout, registered in DATASETS under `name`. Options come from `data.<name>`."""
     name = ""
+    reads_files = True  # needs data.root / $BLENDTUNE_DATA_ROOT
 
     def __init__(self, root: str | None = None, **options):
         self.root = root

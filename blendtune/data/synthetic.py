@@ -50,6 +50,7 @@ def _make(modalities: dict, num_classes: int, n: int, prototypes: dict, gen: tor
 @DATASETS.register("synthetic", options=SyntheticOptions)
 class Synthetic(DatasetAdapter):
     name = "synthetic"
+    reads_files = False
 
     def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
         o = self.options

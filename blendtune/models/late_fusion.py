@@ -12,7 +12,7 @@ module following this protocol:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn

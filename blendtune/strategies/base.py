@@ -11,7 +11,7 @@
             clip; optimizer.step()
         evaluation = evaluate every head on train / held-out / test
         strategy.on_epoch_end(epoch, evaluation, context)          # (super-)epoch decisions
-        log strategy.epoch_metrics(); checkpoint strategy.state_dict()
+        log strategy.pop_epoch_metrics(); checkpoint strategy.state_dict()
 
 A strategy never sees the Trainer: epoch hooks get a `TrainingContext` (evaluate a model, train one
 head of a model copy with the loop's own step, the losses measured at the end of the previous epoch).
@@ -91,7 +91,7 @@ class BalancingStrategy:
     def on_epoch_end(self, epoch: int, evaluation: Losses, context: TrainingContext) -> None:
         pass
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def pop_epoch_metrics(self) -> dict[str, float]:
         """This epoch's strategy metrics (logged), then the per-epoch accumulators start again."""
         return {}
 

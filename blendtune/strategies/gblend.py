@@ -113,7 +113,7 @@ class GBlend(BalancingStrategy):
         self._estimate_seconds = time.perf_counter() - began
         return end
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def pop_epoch_metrics(self) -> dict[str, float]:
         metrics = {f"gblend/w/{h}": w for h, w in self.weights.items()}
         for h, s in self._last.items():
             metrics[f"gblend/delta_g/{h}"] = s.delta_g

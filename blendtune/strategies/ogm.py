@@ -104,7 +104,7 @@ class OGM(BalancingStrategy):
         base = (self.seed * 1_000_003 + step) * chunks
         return [g.manual_seed(base + i) for i, g in enumerate(self.generator)]
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def pop_epoch_metrics(self) -> dict[str, float]:
         if not self._steps:
             return {}
         rho = (self._rho_sum / self._steps).tolist()
