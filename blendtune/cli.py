@@ -107,7 +107,7 @@ def sweep_command(args) -> Path:
             raise UserError("blendtune sweep: give an experiment YAML and --space SPACE.yaml")
         cfg, space = load_config(args.experiment, args.overrides), load_search_space(args.space)
         check_sweep(cfg, space, source=args.space)
-        check_data_root(cfg)
+        check_before_starting(cfg)
         return create_sweep_dir(cfg, space, None), cfg, space, None
     return _run_sweep_command(args, new_sweep, "sweep")
 
@@ -131,7 +131,7 @@ def compare_command(args) -> Path:
             with_overrides(cfg, variant)
         space = {"seed": Distribution("grid", tuple(range(args.seeds)))}
         check_sweep(cfg, space, variants)
-        check_data_root(cfg)
+        check_before_starting(cfg)
         return create_sweep_dir(cfg, space, variants, kind="compare"), cfg, space, variants
     run_dir = _run_sweep_command(args, new_comparison, "compare")
     print(write_report(run_dir).read_text())
@@ -186,7 +186,7 @@ def train_command(args) -> Path:
             raise UserError("blendtune train: give an experiment YAML (e.g. experiments/synthetic_gblend.yaml)")
         cfg = load_config(args.experiment, overrides)
         check_keys_are_used(cfg)
-        check_data_root(cfg)
+        check_before_starting(cfg)
         run_dir = create_run_dir(cfg)
     _started(run_dir, "train")
     print(f"run dir: {run_dir}", flush=True)
@@ -208,12 +208,14 @@ def _started(run_dir: Path, kind: str) -> None:
     _RUNNING.update(run_dir=run_dir, kind=kind)
 
 
-def check_data_root(cfg) -> None:
-    """A dataset read from files needs its root: the same one line whether training or sweeping, and
-    before a directory is made or Ray starts."""
+def check_before_starting(cfg) -> None:
+    """What can refuse a run before a directory is made or Ray starts: a dataset read from files needs
+    its root (the same one line for train, sweep and compare), and the GPUs asked for must exist here."""
     from blendtune.data import DATASETS, data_root
+    from blendtune.launch import check_gpus
     if not cfg.data._target_ and getattr(DATASETS.get(cfg.data.dataset), "reads_files", True):
         data_root(cfg.data.root)
+    check_gpus(cfg)
 
 
 def user_message(e: UserError) -> str:

@@ -37,6 +37,8 @@ class DataFields:
     eval_batch_size: int = 512
     num_workers: int = 0         # DataLoader worker processes (file-based datasets decode there)
     skip_bad: bool = False       # skip samples whose files are missing or broken (and log how many)
+    on_device: Optional[bool] = None  # in-memory data held on the training device, batched there without a
+                                      # DataLoader; unset: on for in-memory data with a CUDA device
     spectrogram_on: str = "loader"  # loader: in the loader workers | device: batched in the training step
 
 
@@ -75,6 +77,9 @@ class TrainConfig:
     amp: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16  ("off" would read as a YAML boolean)
     checkpoint_every: int = 1
     progress: bool = True
+    channels_last: Optional[bool] = None  # unset: on CUDA (conv encoders run NHWC), off on CPU
+    cudnn_benchmark: bool = True          # CUDA: let cuDNN pick the fastest conv algorithms for the shapes
+    compile: bool = False                 # torch.compile the model for the training step (slow to start)
 
 
 @dataclass
@@ -89,6 +94,7 @@ class SweepConfig:
     reduction_factor: int = 2    # ASHA
     perturbation_interval: int = 2  # PBT: epochs between exploit/explore steps
     cpus_per_worker: Optional[float] = None  # unset: 1 per worker in sweeps; `train workers=N` splits the CPUs
+    gpus_per_trial: Optional[float] = None  # 1-worker trials on a GPU: a fraction (0.25) lets 4 share one; unset: 1
     storage_path: Optional[str] = None  # where trials and checkpoints live; s3://... or gs://... on a cluster
     address: Optional[str] = None       # Ray cluster address; unset: $RAY_ADDRESS, else a local Ray
 
@@ -267,6 +273,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"config key 'data.held_out_ratio': {cfg.strategy} needs a held-out split (ratio > 0)")
     if cfg.optim.lr <= 0:
         raise UserError(f"config key 'optim.lr': expected a positive learning rate, got {cfg.optim.lr}")
+    if cfg.sweep.gpus_per_trial is not None and not 0 < cfg.sweep.gpus_per_trial:
+        raise UserError(f"config key 'sweep.gpus_per_trial': expected > 0, got {cfg.sweep.gpus_per_trial}")
     if cfg.sweep.cpus_per_worker is not None and cfg.sweep.cpus_per_worker <= 0:
         raise UserError(f"config key 'sweep.cpus_per_worker': expected > 0, got {cfg.sweep.cpus_per_worker}")
     for prefix, node, sections in (("", cfg, STRATEGIES.sections()), ("data.", cfg.data, DATASETS.sections())):

@@ -136,6 +136,23 @@ def init_ray(address: str | None, num_cpus: int | None = None, log_to_driver: bo
     return True
 
 
+def check_gpus(cfg) -> None:
+    """Ray waits forever for GPUs a cluster does not have. On a local Ray (no `sweep.address` /
+    $RAY_ADDRESS) this machine's GPUs are all there is: asking for more is a one-line error, before
+    anything is created. A remote cluster may autoscale, so it is trusted."""
+    if not wants_gpu(cfg.train.device) or cfg.sweep.address or os.environ.get("RAY_ADDRESS"):
+        return
+    if cfg.workers == 1 and cfg.sweep.gpus_per_trial is None:
+        needed = 1.0
+    else:
+        needed = float(cfg.workers) if cfg.workers > 1 else cfg.sweep.gpus_per_trial
+    have = torch.cuda.device_count()
+    if have < needed:
+        raise UserError(f"config keys 'train.device'={cfg.train.device!r}, 'workers'={cfg.workers}: a run needs "
+                        f"{needed:g} GPU(s), this machine has {have}; use fewer workers, "
+                        "sweep.gpus_per_trial < 1, or train.device=cpu")
+
+
 def train_with_ray(cfg, run_dir: Path, resume: bool) -> dict:
     """`blendtune train workers=N`: one Ray Train run (DDP) whose rank 0 writes the run directory."""
     import ray

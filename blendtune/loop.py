@@ -44,6 +44,10 @@ class TrainOptions:
     progress: bool = True        # a progress bar on an interactive terminal
     seed: int = 0                # the order of batches (and G-Blend's copies' batches)
     skip_bad: bool = False       # count bad samples that file datasets dropped (data/skipped)
+    channels_last: bool | None = None  # conv encoders in NHWC; None: on CUDA
+    cudnn_benchmark: bool = True       # CUDA only
+    compile: bool = False              # torch.compile the module the training step runs through
+    on_device: bool | None = None      # in-memory datasets batched on the device; None: on CUDA when they fit
 
 
 def per_worker_batch_size(global_batch: int, workers: int) -> int:
@@ -102,16 +106,23 @@ class Trainer:
         # e.g. spectrograms computed from waveform batches in the step (data.spectrogram_on=device)
         self.device_transforms = {m: t.to(self.device) for m, t in splits.device_transforms.items()}
         self.skipped = 0  # bad samples dropped from training batches (data.skip_bad)
-        self.model = model.to(self.device)
+        self.channels_last = o.channels_last if o.channels_last is not None else self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = o.cudnn_benchmark
+        self.model = model.to(self.device, memory_format=torch.channels_last) if self.channels_last \
+            else model.to(self.device)
         self.strategy = strategy
         self.strategy.setup(self.model, o.seed, o.epochs)
         self.train_model = self._for_training(self.model, strategy.trains_all_parameters)
+        if o.compile:  # the step runs through the compiled module; state_dict and evaluation use the model
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = optimizer
         self.scheduler = scheduler or torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
         self.scaler = self._grad_scaler()
         self.loader_workers = capped_loader_workers(o.num_workers)
         self.batch_size = per_worker_batch_size(o.batch_size, distributed.world_size())
         self.train_sampler = self._sampler(o.seed)
+        self.on_device = self._keep_on_device(o.on_device)
         self.train_loader = self._loader(splits.train, self.batch_size, self.train_sampler, persistent=True)
         self.context = LoopContext(self)
         self.epoch = 0
@@ -134,7 +145,34 @@ class Trainer:
         return DistributedSampler(self.splits.train, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                   shuffle=True, seed=seed)
 
-    def _loader(self, dataset, batch_size: int, sampler, persistent: bool = False) -> DataLoader:
+    def _keep_on_device(self, wanted: bool | None) -> bool:
+        """In-memory data (tensors per modality) can live on the device: each batch is then one index op
+        there, no DataLoader, no host-to-device copy per step."""
+        in_memory = all(isinstance(getattr(ds, "inputs", None), dict) and hasattr(ds, "on_device")
+                        for ds in (self.splits.train, self.splits.train_eval, self.splits.held_out, self.splits.test)
+                        if ds is not None)
+        if wanted is None:
+            wanted = in_memory and self.device.type == "cuda" and self._fits_on_device()
+        elif wanted and not in_memory:
+            raise UserError("config key 'data.on_device': only in-memory datasets (synthetic, avdigits, features, "
+                            "your own tensors) can be held on the device")
+        if wanted:
+            for name in ("train", "train_eval", "held_out", "test"):
+                ds = getattr(self.splits, name)
+                if ds is not None:
+                    setattr(self.splits, name, ds.on_device(self.device))
+        return wanted
+
+    def _fits_on_device(self) -> bool:
+        size = sum(x.numel() * x.element_size() for ds in {id(d): d for d in (self.splits.train, self.splits.test,
+                                                                               self.splits.held_out) if d}.values()
+                   for x in [*ds.inputs.values(), ds.targets])
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return size < 0.25 * free
+
+    def _loader(self, dataset, batch_size: int, sampler, persistent: bool = False):
+        if self.on_device:
+            return DeviceBatches(dataset, batch_size, sampler)
         workers = self.loader_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=getattr(dataset, "collate_fn", None), pin_memory=self.device.type == "cuda",
@@ -147,6 +185,9 @@ class Trainer:
         with torch.no_grad():
             for m, transform in self.device_transforms.items():
                 inputs[m] = transform(inputs[m])
+        if self.channels_last:
+            inputs = {m: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                      for m, x in inputs.items()}
         return inputs, targets.to(self.device, non_blocking=nb)
 
     def _autocast(self):
@@ -296,6 +337,24 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         self.load_state_dict(load_checkpoint(path))
+
+
+class DeviceBatches:
+    """Batches of an in-memory dataset already on the device, in the sampler's order: the same batches a
+    DataLoader would give (BatchSampler, drop_last=False), without its per-step work."""
+
+    def __init__(self, dataset, batch_size: int, sampler):
+        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
+        self.num_workers = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        device = self.dataset.targets.device
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long, device=device)
+        for batch in order.split(self.batch_size):
+            yield self.dataset.__getitems__(batch)
 
 
 def _fresh_optimizer_like(optimizer: torch.optim.Optimizer, params) -> torch.optim.Optimizer:

@@ -18,7 +18,8 @@ import torch
 from blendtune import worker
 from blendtune.devices import wants_gpu
 from blendtune.errors import TrainingDiverged, UserError
-from blendtune.launch import init_ray, report_with_checkpoint, restore_from_ray, torch_trainer, worker_cpus
+from blendtune.launch import (init_ray, report_with_checkpoint, restore_from_ray, torch_trainer,
+                              worker_cpus)
 
 EXPERIMENT = "tune"          # the Tune experiment's folder inside the sweep's storage path
 SWEEP_FILE = "sweep.json"    # what a resume needs besides config.yaml: the space and the storage path
@@ -231,12 +232,20 @@ def _search_and_scheduler(cfg, space: dict[str, Distribution]):
 def _trainable(cfg, trial_config: Callable[[dict], Any], sweep_name: str, storage: str):
     from ray import tune
 
-    use_gpu = wants_gpu(cfg.train.device)
     trainable = tune.with_parameters(run_trial, trial_config=trial_config, sweep_name=sweep_name,
                                      train_storage=f"{storage.rstrip('/')}/train_runs")
-    if cfg.workers > 1:  # the trial only drives its TorchTrainer; the workers hold the resources
-        return tune.with_resources(trainable, {"cpu": 0.001})
-    return tune.with_resources(trainable, {"cpu": worker_cpus(cfg), "gpu": 1 if use_gpu else 0})
+    return tune.with_resources(trainable, trial_resources(cfg))
+
+
+def trial_resources(cfg) -> dict[str, float]:
+    """What Tune reserves per trial. A 1-worker trial trains inside it: its CPUs and `sweep.gpus_per_trial`
+    of a GPU (a fraction lets several small trials share one; Ray then packs them). A multi-worker
+    trial only drives its TorchTrainer, whose workers hold the resources (a whole GPU each)."""
+    if cfg.workers > 1:
+        return {"cpu": 0.001}
+    gpus = (cfg.sweep.gpus_per_trial if cfg.sweep.gpus_per_trial is not None else 1.0) \
+        if wants_gpu(cfg.train.device) else 0.0
+    return {"cpu": worker_cpus(cfg), "gpu": gpus}
 
 
 def _trials_that_fit(cfg) -> int | None:
@@ -245,8 +254,11 @@ def _trials_that_fit(cfg) -> int | None:
     import ray
     if cfg.workers == 1:
         return None
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus * 0.99 // (cfg.workers * worker_cpus(cfg))))  # 0.99: the trials' own 0.001 CPU
+    resources = ray.cluster_resources()
+    fit = int(resources.get("CPU", 1) * 0.99 // (cfg.workers * worker_cpus(cfg)))  # 0.99: the trials' 0.001 CPU
+    if wants_gpu(cfg.train.device):
+        fit = min(fit, int(resources.get("GPU", 0) // cfg.workers))
+    return max(1, fit)
 
 
 def run_sweep(cfg, space: dict[str, Distribution], run_dir: Path, trial_config: Callable[[dict], Any],

@@ -96,7 +96,8 @@ def build_trainer(cfg, run_dir: Path | None = None) -> Trainer:
     torch.manual_seed(cfg.seed)
     splits = build_data(cfg)
     model = build_model(cfg, splits)
-    model.to(resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    model.to(device)
     section = STRATEGIES.section(cfg.strategy)
     try:
         strategy = build_strategy(cfg.strategy, getattr(cfg, section) if section else None)
@@ -105,13 +106,15 @@ def build_trainer(cfg, run_dir: Path | None = None) -> Trainer:
     if strategy.needs_held_out and splits.held_out is None:
         raise UserError(f"config key 'data.held_out_ratio': {cfg.strategy} needs a held-out split (ratio > 0)")
     o = cfg.optim
-    optimizer = build_optimizer(o.name, model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    optimizer = build_optimizer(o.name, model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                fused=device.type == "cuda")
     scheduler = build_scheduler(o.schedule, optimizer, cfg.train.epochs, o.step_size, o.gamma)
     t, d = cfg.train, cfg.data
     options = TrainOptions(epochs=t.epochs, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                            num_workers=d.num_workers, device=t.device, amp=t.amp, grad_clip=o.grad_clip,
                            checkpoint_every=t.checkpoint_every, progress=t.progress, seed=cfg.seed,
-                           skip_bad=d.skip_bad)
+                           skip_bad=d.skip_bad, channels_last=t.channels_last, cudnn_benchmark=t.cudnn_benchmark,
+                           compile=t.compile, on_device=d.on_device)
     try:
         return Trainer(model, strategy, splits, optimizer, scheduler, options, run_dir=run_dir)
     except OptionError as e:  # raised by a strategy's setup, e.g. a modality the data does not have

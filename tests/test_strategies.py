@@ -20,7 +20,11 @@ SETTINGS = {
     "ogm_ge": ["ogm.alpha=0.5", "ogm.noise_scale=0.5"],
 }
 VARIANTS = [(s, []) for s in SETTINGS] + [("gblend", ["gblend.estimator=paper", "gblend.super_epoch=1"]),
-                                           ("gblend", ["gblend.mode=offline", "gblend.estimator=paper"])]
+                                           ("gblend", ["gblend.mode=offline", "gblend.estimator=paper"]),
+                                           # mixed precision resumes exactly too (fp16: the grad scaler's state)
+                                           ("ogm_ge", ["train.amp=bf16"]), ("ogm", ["train.amp=fp16"]),
+                                           ("gblend", ["train.amp=fp16", "gblend.estimator=paper",
+                                                       "gblend.super_epoch=1"])]
 
 
 def test_settings_table_covers_every_registered_strategy():

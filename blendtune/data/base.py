@@ -113,6 +113,11 @@ class MultimodalDataset(Dataset):
     def for_evaluation(self) -> "MultimodalDataset":
         return self
 
+    def on_device(self, device) -> "MultimodalDataset":
+        """The same samples with every tensor on `device` (batches are then indexed there)."""
+        return MultimodalDataset({m: x.to(device) for m, x in self.inputs.items()}, self.targets.to(device),
+                                 self.num_classes, self.groups, self.default_encoders)
+
     def subset(self, indices) -> "MultimodalDataset":
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         groups = [self.groups[i] for i in idx.tolist()] if self.groups is not None else None
