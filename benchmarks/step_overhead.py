@@ -6,7 +6,10 @@
 
 Same model (encoders and concat fusion built by the same builders), same in-memory data, same
 optimizer, same precision. The bare loop shuffles, indexes a batch, runs forward / cross-entropy /
-backward / step. blendtune runs `Trainer.train_epoch`: its hooks, its uni-modal probe heads, its
+backward / step. `--baseline best` (the default on CUDA) makes it a best-practice loop: channels_last
+model and batches, cudnn.benchmark, a fused optimizer (`--compile` adds torch.compile to it); blendtune
+runs with its defaults for the device (on CUDA: channels_last, data on the device, fused optimizer).
+On CUDA the table adds MFU from `--gflop-per-sample` (ResNet-18 pair: 21.3) and `--peak-tflops`. blendtune runs `Trainer.train_epoch`: its hooks, its uni-modal probe heads, its
 sampler. One epoch of each per round, alternated over rounds (after a warm-up round); medians.
 Writes benchmarks/results/step_overhead_<model>_<device>.{json,md}.
 """
@@ -89,20 +92,31 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["naive", "ogm", "ogm_ge", "gblend"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--baseline", choices=["plain", "best"], default=None,
+                        help="plain: NCHW, foreach optimizer; best: channels_last, cudnn.benchmark, fused optimizer "
+                             "(default: best on CUDA, plain on CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the baseline (and blendtune: train.compile)")
+    parser.add_argument("--gflop-per-sample", type=float, default=None, help="for MFU (ResNet-18 pair: 21.3)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H100 bf16: 989)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    best = (args.baseline or ("best" if device.type == "cuda" else "plain")) == "best"
+    if best and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
     shapes, encoder, enc_opts, optim = MODELS[args.model]
     BenchTensors.shapes = shapes
-    table = ["| batch | loop | steps/s | samples/s | vs bare loop (ratio of medians) | per-round ratio, quartiles |",
-             "|---|---|---|---|---|---|"]
+    mfu = args.gflop_per_sample is not None
+    table = ["| batch | loop | steps/s | samples/s | vs bare loop (ratio of medians) | per-round ratio, quartiles |"
+             + (" MFU |" if mfu else ""), "|---|---|---|---|---|---|" + ("---|" if mfu else "")]
     payload = {"model": args.model, "device": str(device), "amp": args.amp, "steps": args.steps, "results": []}
     for batch in args.batch:
         encoders_cfg = [f"model.encoders.{m}.{k}={v}" for m in shapes for k, v in
                         {"name": encoder, "dim": enc_opts["dim"], "hidden": enc_opts["hidden"]}.items()]
         base = ["data.dataset=bench_tensors", f"data.batch_size={batch}", "train.progress=false", "wandb=false",
-                f"train.device={args.device}", f"train.amp={args.amp}", "data.held_out_ratio=0", *optim, *encoders_cfg]
+                f"train.device={args.device}", f"train.amp={args.amp}", "data.held_out_ratio=0", *optim, *encoders_cfg,
+                *(["train.compile=true"] if args.compile else [])]
         trainers = {}
         for strategy in args.strategies:
             BenchTensors.size = batch * args.steps
@@ -117,15 +131,21 @@ def main() -> None:
         targets = data.targets.to(device)
         torch.manual_seed(0)
         bare = BareModel({m: build_encoder(encoder, s, **enc_opts, dropout=0.0) for m, s in shapes.items()}).to(device)
+        if best:
+            bare = bare.to(memory_format=torch.channels_last)
+            inputs = {m: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                      for m, x in inputs.items()}
         o = load_config(None, optim).optim
-        bare_opt = build_optimizer(o.name, bare.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        bare_opt = build_optimizer(o.name, bare.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                   fused=best and device.type == "cuda")
+        bare_step = torch.compile(bare) if args.compile else bare
 
         def bare_epoch():
             bare.train()
             for idx in torch.randperm(len(targets), device=device).split(batch):
                 x = {m: v[idx] for m, v in inputs.items()}
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = F.cross_entropy(bare(x), targets[idx])
+                    loss = F.cross_entropy(bare_step(x), targets[idx])
                 bare_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 bare_opt.step()
@@ -149,12 +169,14 @@ def main() -> None:
             ratio = median(xs) / bare_rate
             paired = sorted(x / b for x, b in zip(xs, samples["bare"]))  # same round: same machine state
             q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
-            label = "bare PyTorch" if name == "bare" else f"blendtune {name}"
+            label = ("best-practice PyTorch" if best else "bare PyTorch") if name == "bare" else f"blendtune {name}"
+            util = (f" {median(xs) * batch * args.gflop_per_sample / 1e3 / args.peak_tflops:.1%} |" if mfu else "")
             table.append(f"| {batch} | {label} | {median(xs):.2f} | {median(xs) * batch:.0f} | "
-                         f"{ratio:.3f} ({(ratio - 1) * 100:+.1f}%) | {q1:.3f} - {q3:.3f} |")
+                         f"{ratio:.3f} ({(ratio - 1) * 100:+.1f}%) | {q1:.3f} - {q3:.3f} |{util}")
     write(f"step_overhead_{args.model}_{device.type}", payload, table,
           f"Model {args.model}, {args.steps} steps per timed epoch, median of {args.repeats} alternated rounds, "
-          f"precision {args.amp}.")
+          f"precision {args.amp}, baseline {'best-practice' if best else 'plain'}"
+          f"{', torch.compile' if args.compile else ''}.")
 
 
 if __name__ == "__main__":
