@@ -1,6 +1,7 @@
 """Issue 4: the dataset adapters on tiny trees in each layout, device-side spectrograms, data check,
 bad files in training."""
 import json
+import math
 import subprocess
 import sys
 
@@ -62,11 +63,24 @@ def test_device_side_spectrogram_equals_loader_side(tmp_path):
     batched = transform(waves.to(device)).cpu()
     expected = torch.stack([on_loader[i][0]["audio"] for i in range(6)])
     assert batched.shape == expected.shape == (6, 1, 257, 188)
-    torch.testing.assert_close(batched, expected, atol=1e-3, rtol=1e-4)  # log(|X| + 1e-7)
+    assert_same_log_spectrogram(batched, expected)
     # and the trainer applies it: same shapes reach the model either way
     t = trainer([*CREMA_TINY, f"data.root={root}", "data.spectrogram_on=device"])
     inputs, _ = t._to_device(next(iter(t.train_loader)))
     assert inputs["audio"].shape[1:] == t.splits.train.input_shapes["audio"]
+
+
+def assert_same_log_spectrogram(a: torch.Tensor, b: torch.Tensor) -> None:
+    """log(|X| + 1e-7) from two FFT implementations (CPU vs cuFFT). A float32 FFT's error is about
+    eps * log2(n) of the frame's largest bin, absolute; in the log domain that is divided by the bin's
+    own magnitude, so near-silent bins may differ a lot (GPU vs CPU: 0.029 on 0.2% of bins). Compare
+    magnitudes against that bound (10x margin), and logs tightly where the bin is not tiny."""
+    mag_a, mag_b = a.exp() - 1e-7, b.exp() - 1e-7
+    frame_max = torch.maximum(mag_a, mag_b).amax(dim=-2, keepdim=True)  # per clip and frame
+    bound = 10 * torch.finfo(torch.float32).eps * math.log2(2 * (a.shape[-2] - 1)) * frame_max
+    assert ((mag_a - mag_b).abs() <= bound + 1e-6).all(), ((mag_a - mag_b).abs() - bound).max()
+    loud = torch.maximum(mag_a, mag_b) > 1e-3 * frame_max
+    torch.testing.assert_close(a[loud], b[loud], atol=1e-3, rtol=1e-4)
 
 
 def test_log_mel_per_clip_does_not_depend_on_the_batch():
