@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", help="config overrides, key=value")
     compare.add_argument("--strategies", default="naive,gblend,ogm_ge",
                          help="comma-separated; unimodal:MODALITY for one modality alone")
-    compare.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per strategy")
+    compare.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per strategy (5: a 95%% CI worth reading)")
     compare.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted comparison")
 
     report = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a sweep")

@@ -50,6 +50,23 @@ def gblend_weights(delta_g: Mapping[str, float], delta_o: Mapping[str, float],
     return {h: v / total for h, v in raw.items()}
 
 
+def stabilised_blend_weights(previous: Mapping[str, float], estimate: Mapping[str, float], ema: float = 0.0,
+                             floor: float = 0.0) -> dict[str, float]:
+    """G-Blend weights that do not swing: `w <- ema * w_prev + (1 - ema) * w_est` (an exponential moving
+    average across super-epochs), then every head at least `floor` (renormalised onto the simplex).
+    ema = floor = 0 returns the estimate as it is (the paper)."""
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema must be in [0, 1), got {ema}")
+    if floor < 0.0 or floor * len(estimate) > 1.0:
+        raise ValueError(f"floor must be in [0, 1/{len(estimate)}], got {floor}")
+    mixed = {h: ema * previous[h] + (1.0 - ema) * estimate[h] for h in estimate}
+    if floor == 0.0:
+        return mixed
+    # floor + (1 - k * floor) * share: every head >= floor, the rest shared in proportion to the mix
+    total = sum(mixed.values())
+    return {h: floor + (1.0 - floor * len(mixed)) * w / total for h, w in mixed.items()}
+
+
 def classification_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy for class indices; for multi-hot float targets (multi-label) binary cross-entropy
     averaged over classes per sample. reduction: mean or sum over the batch."""

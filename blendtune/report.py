@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from blendtune.config import ExperimentConfig, with_overrides
@@ -72,11 +74,54 @@ def heads_of(trials: list[dict], score: str = "acc") -> list[str]:
     return [h for h in heads if h not in ("fused", "ensemble")] + [h for h in ("fused", "ensemble") if h in heads]
 
 
-def _mean_std(values: list[float]) -> str:
+# Student's t, 97.5th percentile, by degrees of freedom (a 95% two-sided interval); 1.96 beyond 30.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (t distribution; inf for one value)."""
+    n = len(values)
+    mean = statistics.mean(values)
+    if n < 2:
+        return mean, float("inf")
+    t = _T975[n - 2] if n - 2 < len(_T975) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(n)
+
+
+def _mean_ci_text(values: list[float]) -> str:
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
+    mean, half = mean_ci(values)
+    return f"{100 * mean:.1f} ± {100 * half:.1f}" if math.isfinite(half) else f"{100 * mean:.1f}"
+
+
+@dataclass
+class PairedDifference:
+    label: str
+    seeds: int          # seeds both runs finished
+    mean: float         # mean of (strategy - baseline) on the prediction head, same seed
+    half_width: float   # 95% CI half-width of that mean
+    wins: int           # seeds where the strategy scored higher
+
+    @property
+    def excludes_zero(self) -> bool:
+        return math.isfinite(self.half_width) and abs(self.mean) > self.half_width
+
+
+def paired_differences(final_scores: dict[str, dict[int, float]], baseline: str = "naive") -> list[PairedDifference]:
+    """Each strategy's difference to `baseline` over the seeds both ran (paired by seed):
+    `final_scores[label][seed]` is the prediction head's final test score."""
+    base = final_scores.get(baseline, {})
+    out = []
+    for label, by_seed in final_scores.items():
+        seeds = sorted(set(by_seed) & set(base))
+        if label == baseline or not seeds:
+            continue
+        diffs = [by_seed[s] - base[s] for s in seeds]
+        mean, half = mean_ci(diffs)
+        out.append(PairedDifference(label, len(seeds), mean, half, sum(d > 0 for d in diffs)))
+    return out
 
 
 def write_report(run_dir: Path) -> Path:
@@ -97,17 +142,30 @@ def write_report(run_dir: Path) -> Path:
     for t in trials:
         groups[t["label"]].append(t)
     what = "Test accuracy (%)" if score == "acc" else "Test mAP (%)"
-    lines = [f"# {run_dir.name}", "", f"{what} of the last epoch, mean ± std over seeds. `prediction` is the "
-             "fused head, or the trained modality's head for `unimodal:`.", "",
+    lines = [f"# {run_dir.name}", "", f"{what} of the last epoch: mean ± the half-width of its 95% confidence "
+             "interval over seeds (t distribution). `prediction` is the fused head, or the trained modality's head "
+             "for `unimodal:`.", "",
              "| strategy | trials | epochs | prediction | " + " | ".join(heads) + " |",
              "|---|---|---|---|" + "---|" * len(heads)]
     for label, ts in groups.items():
         done = [t for t in ts if t["history"]]
         pred = [t["history"][-1][f"{score}/test/{t['prediction_head']}"] for t in done]
-        cells = [_mean_std([t["history"][-1][f"{score}/test/{h}"] for t in done if f"{score}/test/{h}" in t["history"][-1]])
+        cells = [_mean_ci_text([t["history"][-1][f"{score}/test/{h}"] for t in done if f"{score}/test/{h}" in t["history"][-1]])
                  for h in heads]
         epochs = "/".join(sorted({str(len(t["history"])) for t in ts}))
-        lines.append(f"| {label} | {len(ts)} | {epochs} | {_mean_std(pred)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {len(ts)} | {epochs} | {_mean_ci_text(pred)} | " + " | ".join(cells) + " |")
+    final = {label: {t["seed"]: t["history"][-1][f"{score}/test/{t['prediction_head']}"] for t in ts
+                     if t["history"] and len(t["history"]) == t["epochs_planned"]} for label, ts in groups.items()}
+    differences = paired_differences(final)
+    if differences:
+        lines += ["", "Difference to naive on the prediction head, paired by seed (points; 95% CI; **bold**: the CI "
+                  "excludes 0). Only trials that ran all their epochs count.", "",
+                  "| strategy | seeds | difference | wins |", "|---|---|---|---|"]
+        for d in differences:
+            text = f"{100 * d.mean:+.1f} ± {100 * d.half_width:.1f}" if math.isfinite(d.half_width) \
+                else f"{100 * d.mean:+.1f}"
+            lines.append(f"| {d.label} | {d.seeds} | {f'**{text}**' if d.excludes_zero else text} | "
+                         f"{d.wins}/{d.seeds} |")
     plots = _plots(run_dir, groups, heads)
     lines += ["", "Fewer epochs than planned means the scheduler stopped the trial early.", ""]
     lines += [f"![{name}]({name})" for name in plots]

@@ -120,3 +120,31 @@ def make_features(root, n_train: int = 120, n_test: int = 60, multilabel: bool =
         np.savez(folder / "seq.npz", features=rng.normal(0, 1, (n, 5, 6)).astype(np.float32))
         np.save(folder / "labels.npy", np.eye(4)[y] if multilabel else y)
     return root
+
+
+# ---- W&B offline runs against metrics.jsonl --------------------------------------------------------
+WANDB_OWN_KEYS = {"_step", "_timestamp", "_runtime"}
+
+
+def wandb_history(run_dir) -> list[dict]:
+    """Every row W&B recorded for a run or trial directory, over all its offline sessions in the order
+    they ran (a resume opens a new `offline-run-*` folder)."""
+    from blendtune.wandb_files import read_history
+    sessions = [h for h in (read_history(f) for f in Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")) if h]
+    return [row for h in sorted(sessions, key=lambda h: h[0]["_timestamp"]) for row in h]
+
+
+def assert_wandb_matches_metrics(history: list[dict], rows: list[dict]) -> None:
+    """W&B has each epoch once, as its step, with exactly the keys and values of metrics.jsonl
+    (which writes null where a value is inf/NaN)."""
+    import math
+    assert [h["_step"] for h in history] == [r["epoch"] for r in rows]
+    for h, r in zip(history, rows):
+        assert set(h) - WANDB_OWN_KEYS == set(r) - {"epoch"}, (set(h) ^ set(r)) - WANDB_OWN_KEYS - {"epoch"}
+        for key, value in r.items():
+            if key == "epoch":
+                continue
+            if value is None:
+                assert not math.isfinite(h[key]), (r["epoch"], key, h[key])
+            else:
+                assert h[key] == pytest.approx(value, rel=1e-12, abs=1e-300), (r["epoch"], key, h[key], value)

@@ -1,13 +1,16 @@
 """The command line as a user runs it: a run directory with config and metrics, clear one-line errors."""
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from blendtune.config import load_config
 from blendtune.loggers import read_metrics
-from conftest import REPO, TINY, make_tiny_avdigits, needs_data
+from conftest import REPO, TINY, assert_wandb_matches_metrics, make_tiny_avdigits, needs_data, wandb_history
 
 
 def blendtune(*args, env=None, cwd=None):
@@ -28,23 +31,45 @@ def test_train_writes_config_metrics_and_prints_the_run_dir(tmp_path):
                 "gblend/w/clean", "gblend/w/memorizable", "gblend/w/fused", "acc/test/ensemble"):
         assert key in rows[-1], key
     assert sum(rows[-1][f"gblend/w/{h}"] for h in ("clean", "memorizable", "fused")) == pytest.approx(1.0)
+    # the weight moves toward the modality that generalises: every estimate ranks clean above
+    # memorizable, which loses weight from the uniform start (1/3)
+    for r in rows:
+        assert r["gblend/w/clean"] > r["gblend/w/memorizable"], r["epoch"]
+    assert rows[-1]["gblend/w/memorizable"] < 1 / 3 < rows[-1]["gblend/w/clean"]
     assert "strategy: gblend" in (run_dir / "config.yaml").read_text()
 
 
-def test_ogm_metrics_in_the_file(tmp_path):
-    proc = blendtune("train", "experiments/synthetic_ogm_ge.yaml", *TINY, f"output_dir={tmp_path}")
+@pytest.mark.parametrize("experiment", ["synthetic_ogm.yaml", "synthetic_ogm_ge.yaml"])
+def test_ogm_metrics_in_the_file_slow_the_dominant_modality_only(experiment, tmp_path):
+    # clean carries a strong signal: OGM must see it dominate and slow its encoder, never the other one
+    proc = blendtune("train", f"experiments/{experiment}", *TINY, "data.synthetic.modalities.clean.signal=2.0",
+                     f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
-    row = read_metrics(Path(proc.stdout.strip().splitlines()[-1]) / "metrics.jsonl")[-1]
-    assert {"ogm/coeff/clean", "ogm/coeff/memorizable", "ogm/rho/clean", "ogm/rho/memorizable"} <= set(row)
+    first, last = read_metrics(Path(proc.stdout.strip().splitlines()[-1]) / "metrics.jsonl")
+    assert {"ogm/coeff/clean", "ogm/coeff/memorizable", "ogm/rho/clean", "ogm/rho/memorizable"} <= set(last)
+    # epoch 1 starts from a random model (either modality may lead a batch); clean is slowed more
+    assert first["ogm/coeff/clean"] < first["ogm/coeff/memorizable"]
+    # by epoch 2 clean leads every batch: rho > 1 and k < 1 for it, k == 1 exactly for the other
+    assert last["ogm/rho/clean"] > 1.0 > last["ogm/rho/memorizable"]
+    assert last["ogm/coeff/clean"] < 1.0 and last["ogm/coeff/memorizable"] == 1.0
+    alpha = load_config(REPO / "experiments" / experiment).ogm.alpha  # k = 1 - tanh(alpha * rho), per batch
+    assert last["ogm/coeff/clean"] == pytest.approx(1 - math.tanh(alpha * last["ogm/rho/clean"]), abs=0.02)
 
 
-def test_resume_continues_and_extends_a_run(tmp_path):
-    proc = blendtune("train", "experiments/synthetic_naive.yaml", *TINY, f"output_dir={tmp_path}")
+def test_resume_continues_and_extends_a_run_in_metrics_and_wandb(tmp_path):
+    proc = blendtune("train", "experiments/synthetic_ogm.yaml", *TINY, "wandb=true", f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
     run_dir = proc.stdout.strip().splitlines()[-1]
     proc = blendtune("train", "--resume", run_dir, "train.epochs=4")
     assert proc.returncode == 0, proc.stderr
     assert "resuming at epoch 3 of 4" in proc.stdout
-    assert [r["epoch"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")] == [1, 2, 3, 4]
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    # the offline W&B run (one session before the resume, one after) has each epoch once, with the
+    # values of metrics.jsonl, OGM's series included
+    history = wandb_history(run_dir)
+    assert all(f"ogm/coeff/{m}" in h and f"ogm/rho/{m}" in h for h in history for m in ("clean", "memorizable"))
+    assert_wandb_matches_metrics(history, rows)
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -53,6 +78,10 @@ def test_resume_continues_and_extends_a_run(tmp_path):
     (["train", "experiments/nope.yaml"], "experiment file not found"),
     (["train", "experiments/synthetic_naive.yaml", "strategy=unimodal", "unimodal.modality=smell"],
      "config key 'unimodal.modality': expected one of clean, memorizable"),
+    (["train", "experiments/synthetic_naive.yaml", "data.held_out_ratio=1.5"],
+     "config key 'data.held_out_ratio': expected 0 <= ratio < 1, got 1.5"),
+    (["sweep", "experiments/synthetic_naive.yaml", "--space", "search_spaces/ogm.yaml", "sweep.num_samples=0"],
+     "config key 'sweep.num_samples': expected a positive number, got 0"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, expected):
     proc = blendtune(*args)
@@ -78,13 +107,57 @@ def test_unreadable_wav_is_one_clear_line(tmp_path):
     assert "cannot decode WAV file" in proc.stderr and "1_cid_3.wav" in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_resume_of_a_directory_that_is_not_a_run_is_one_line_and_writes_nothing(command, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run\n")
+    proc = blendtune(command, "--resume", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"'{tmp_path}' is not a blendtune {'run' if command == 'train' else 'sweep'} directory" in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+class _Payload:
+    """Unpickling it runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_a_checkpoint_with_a_pickled_payload_is_refused_without_running_it(tmp_path):
+    from blendtune.runs import write_config
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_config(run_dir, load_config(REPO / "experiments" / "synthetic_naive.yaml", TINY))
+    config = (run_dir / "config.yaml").read_bytes()
+    marker = tmp_path / "payload-ran"
+    (run_dir / "checkpoints").mkdir()
+    torch.save({"epoch": 1, "model": _Payload(marker)}, run_dir / "checkpoints" / "last.pt")  # torch's zip format
+    proc = blendtune("train", "--resume", str(run_dir), "train.epochs=3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "refused checkpoint" in proc.stderr and "last.pt" in proc.stderr
+    assert not marker.exists()  # weights_only refused it before anything ran
+    assert (run_dir / "config.yaml").read_bytes() == config and not (run_dir / "metrics.jsonl").exists()
+
+
 @needs_data
 def test_avdigits_two_epochs_end_to_end(tmp_path):
+    # the shipped experiment holds out a whole training speaker (data.held_out_by_group): audio overfits
+    # the speakers it trains on, the MNIST image does not
     proc = blendtune("train", "experiments/avdigits_gblend.yaml", "train.epochs=2", "gblend.warmup=0",
-                     "gblend.super_epoch=1", "train.progress=false", f"output_dir={tmp_path}")
+                     "gblend.super_epoch=1", "train.progress=false", "wandb=false", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     rows = read_metrics(Path(proc.stdout.strip().splitlines()[-1]) / "metrics.jsonl")
     assert len(rows) == 2
     # two epochs lift the fused head well above chance (10 digits) on unseen speakers
     assert rows[-1]["acc/test/fused"] > 0.3
     assert rows[-1]["gblend/w/image"] + rows[-1]["gblend/w/audio"] + rows[-1]["gblend/w/fused"] == pytest.approx(1.0)
+    # every estimate (one per epoch) moves weight to the image, which generalises to the held-out speaker
+    for r in rows:
+        assert r["gblend/ogr/audio"] > r["gblend/ogr/image"], r["epoch"]
+        assert r["gblend/w/image"] > r["gblend/w/audio"], r["epoch"]
+    assert rows[-1]["gblend/w/audio"] < 1 / 3 < rows[-1]["gblend/w/image"]

@@ -18,7 +18,7 @@ from blendtune.runs import create_sweep_dir
 from blendtune.search_space import check_sweep, parse_space
 from blendtune.sweeps import run_sweep
 from blendtune.wandb_files import read_history
-from conftest import REPO, TINY
+from conftest import REPO, TINY, assert_wandb_matches_metrics
 
 SMALL = TINY + ["data.synthetic.num_train=150", "data.synthetic.num_test=60"]
 
@@ -91,7 +91,11 @@ def test_wandb_offline_run_has_ogr_and_blend_weight_series(tmp_path):
         assert all(f"gblend/w/{head}" in row and f"ogr/{head}" in row for row in history)
     for row in history:
         assert sum(row[f"gblend/w/{h}"] for h in ("clean", "memorizable", "fused")) == pytest.approx(1.0)
-    assert history[0]["gblend/w/memorizable"] < history[0]["gblend/w/clean"]  # the first estimate
+        # every estimate moves weight toward the modality that generalises
+        assert row["gblend/w/memorizable"] < row["gblend/w/clean"], row["_step"]
+    assert history[-1]["gblend/w/memorizable"] < 1 / 3 < history[-1]["gblend/w/clean"]  # from uniform
+    # the W&B series are the trial's metrics.jsonl, value for value
+    assert_wandb_matches_metrics(history, read_metrics(files[0].parents[2] / "metrics.jsonl"))
 
 
 def test_compare_writes_table_csv_plots_and_report_rebuilds(tmp_path):
@@ -111,6 +115,15 @@ def test_compare_writes_table_csv_plots_and_report_rebuilds(tmp_path):
     again = blendtune("report", str(run_dir))
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(run_dir)
     assert (run_dir / "report.md").read_text() == report
+    # resuming a finished comparison runs nothing again: no trial lost or duplicated, the same report
+    trials = sorted(p.name for p in (run_dir / "tune").glob("*/params.json"))
+    results = (run_dir / "results.csv").read_text()
+    resumed = blendtune("compare", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1] == str(run_dir)
+    assert sorted(p.name for p in (run_dir / "tune").glob("*/params.json")) == trials
+    assert all(len(result_rows(d)) == 2 for d in (run_dir / "tune").iterdir() if (d / "params.json").is_file())
+    assert (run_dir / "results.csv").read_text() == results and (run_dir / "report.md").read_text() == report
 
 
 def test_cluster_yaml_passes_rays_validation():

@@ -8,6 +8,11 @@ Estimators of (dG_i, dO_i) over a super-epoch of n epochs:
   just trained; weights for the next super-epoch; cost: only the evaluations the loop does anyway.
 Online (Alg. 3) re-estimates every super-epoch; offline (Alg. 2) estimates once. An optional warm-up
 of `warmup` epochs trains with uniform weights before the first estimate.
+
+Against late swings (a head whose held-out loss stops improving gets weight 0 and the weight jumps to
+another): `ema` averages the weights across super-epochs, `floor` keeps every head at least that weight,
+`patience` stops re-estimating after that many estimates in a row without a fused held-out improvement.
+All three are off by default (the paper's estimator), pending a measurement that picks them.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from blendtune.errors import OptionError
-from blendtune.functional import gblend_weights, ogr
-from blendtune.models import ModelOutput
+from blendtune.functional import classification_loss, gblend_weights, ogr, stabilised_blend_weights
+from blendtune.models import FUSED, ModelOutput
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy, Losses, TrainingContext, head_losses
 
 
@@ -30,8 +35,18 @@ class GBlendOptions:
     warmup: int = 0              # epochs trained with uniform weights before the first estimate
     estimator: str = "heads"     # heads: the main run's own heads (cheap) | paper: k+1 copies per estimate
     eps: float = 1e-8
+    ema: float = 0.0             # w <- ema * w_previous + (1 - ema) * w_estimated (0: the estimate alone)
+    floor: float = 0.0           # every head's weight at least this (at most 1 / (k + 1))
+    patience: int = 0            # freeze the weights after this many estimates in a row in which the
+                                 # fused head's held-out loss did not improve (0: never)
 
     def validate(self) -> None:
+        if not 0.0 <= self.ema < 1.0:
+            raise OptionError("ema", f"expected 0 <= ema < 1, got {self.ema}")
+        if not 0.0 <= self.floor < 0.5:
+            raise OptionError("floor", f"expected 0 <= floor < 0.5 (at most 1 / heads), got {self.floor}")
+        if self.patience < 0:
+            raise OptionError("patience", f"expected >= 0, got {self.patience}")
         for key, allowed in (("mode", ("online", "offline")), ("estimator", ("heads", "paper"))):
             if getattr(self, key) not in allowed:
                 raise OptionError(key, f"expected one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -58,12 +73,23 @@ class GBlend(BalancingStrategy):
         self.weights = {h: 1.0 / len(self.heads) for h in self.heads}
         self.window_start: int | None = None      # epoch where the current super-epoch began
         self.window_losses: dict | None = None    # its train / held-out losses per head
+        if self.options.floor * len(self.heads) > 1.0:
+            raise OptionError("floor", f"{len(self.heads)} heads leave at most {1 / len(self.heads):.3f} each, "
+                                       f"got {self.options.floor}")
         self.estimates = 0
+        self.stale = 0                             # estimates in a row without a fused held-out improvement
+        self.frozen = False
         self._last = {}                            # dG, dO, OGR of the latest estimate, for logging
 
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         losses = head_losses(out, targets, self.heads)
-        return sum(self.weights[h] * losses[h] for h in self.heads)
+        blended = sum(self.weights[h] * losses[h] for h in self.heads)
+        # A uni-modal head at weight 0 would stop learning, yet it is also the probe OGR and the next
+        # estimate read: it trains on detached features, so no gradient reaches its encoder.
+        idle = [m for m in self.model.modalities if self.weights[m] == 0.0]
+        for m in idle:
+            blended = blended + classification_loss(self.model.heads[m](out.features[m].detach()), targets)
+        return blended
 
     def is_boundary(self, epoch: int) -> bool:
         """Super-epochs start at 0 (when there is a warm-up), at `warmup`, then every `super_epoch`."""
@@ -72,7 +98,7 @@ class GBlend(BalancingStrategy):
         return epoch >= self.warmup and (epoch - self.warmup) % self.super_epoch == 0
 
     def _estimating(self) -> bool:
-        return self.mode == "online" or self.estimates == 0
+        return not self.frozen and (self.mode == "online" or self.estimates == 0)
 
     def on_epoch_start(self, epoch: int, context: TrainingContext) -> None:
         """Paper estimator (Alg. 3): at the start of a super-epoch, estimate from the current checkpoint."""
@@ -93,10 +119,14 @@ class GBlend(BalancingStrategy):
     def _set_from_window(self, start: dict, end: dict) -> None:
         stats = {h: ogr(start["train"][h], start["held_out"][h], end["train"][h], end["held_out"][h])
                  for h in self.heads}
-        self.weights = gblend_weights({h: s.delta_g for h, s in stats.items()},
-                                      {h: s.delta_o for h, s in stats.items()}, previous=self.weights, eps=self.eps)
+        estimate = gblend_weights({h: s.delta_g for h, s in stats.items()},
+                                  {h: s.delta_o for h, s in stats.items()}, previous=self.weights, eps=self.eps)
+        self.weights = stabilised_blend_weights(self.weights, estimate, self.options.ema, self.options.floor)
         self.estimates += 1
         self._last = stats
+        self.stale = self.stale + 1 if stats[FUSED].delta_g <= 0 else 0
+        if self.options.patience and self.stale >= self.options.patience:
+            self.frozen = True
 
     def paper_estimate(self, context: TrainingContext) -> dict:
         """GB_Estimate(checkpoint, n): per head, train a copy of the model on that head's loss alone
@@ -115,6 +145,8 @@ class GBlend(BalancingStrategy):
 
     def pop_epoch_metrics(self) -> dict[str, float]:
         metrics = {f"gblend/w/{h}": w for h, w in self.weights.items()}
+        if self.options.patience:
+            metrics["gblend/frozen"] = float(self.frozen)
         for h, s in self._last.items():
             metrics[f"gblend/delta_g/{h}"] = s.delta_g
             metrics[f"gblend/delta_o/{h}"] = s.delta_o
@@ -127,10 +159,12 @@ class GBlend(BalancingStrategy):
 
     def state_dict(self) -> dict:
         return {"weights": dict(self.weights), "window_start": self.window_start,
-                "window_losses": self.window_losses, "estimates": self.estimates}
+                "window_losses": self.window_losses, "estimates": self.estimates, "stale": self.stale,
+                "frozen": self.frozen}
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = dict(state["weights"])
         self.window_start = state["window_start"]
         self.window_losses = state["window_losses"]
         self.estimates = state["estimates"]
+        self.stale, self.frozen = state.get("stale", 0), state.get("frozen", False)
