@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: demo test test-slow
 demo: $(VENV)/.installed
-	$(VENV)/bin/blendtune compare experiments/synthetic_gblend.yaml --strategies naive,gblend,ogm_ge,unimodal:clean --seeds 2
+	$(VENV)/bin/blendtune compare experiments/synthetic_imbalanced_gblend.yaml --strategies naive,gblend,ogm_ge,unimodal:clean --seeds 5
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

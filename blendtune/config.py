@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from blendtune.data import DATASETS
 from blendtune.devices import PRECISIONS
 from blendtune.errors import OptionError, UserError
+from blendtune.evaluation import PREDICT_RULES
 from blendtune.loggers import flat_dict
 from blendtune.models import ENCODERS, FUSIONS
 from blendtune.optim import OPTIMIZERS, SCHEDULES
@@ -80,6 +81,7 @@ class TrainConfig:
     channels_last: Optional[bool] = None  # unset: on CUDA (conv encoders run NHWC), off on CPU
     cudnn_benchmark: bool = True          # CUDA: let cuDNN pick the fastest conv algorithms for the shapes
     compile: bool = False                 # torch.compile the model for the training step (slow to start)
+    predict: str = "fused"                # the prediction head: fused | ensemble | held_out_best (chosen on V)
 
 
 @dataclass
@@ -235,6 +237,7 @@ def _first_line(e: Exception) -> str:
 
 _CHOICES = {
     "train.amp": PRECISIONS,
+    "train.predict": PREDICT_RULES,
     "data.spectrogram_on": ("loader", "device"),
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,

@@ -48,6 +48,34 @@ class Evaluation:
         return out
 
 
+PREDICTION = "prediction"  # the head a run predicts with (train.predict), reported beside the others
+PREDICT_RULES = ("fused", "ensemble", "held_out_best")
+
+
+def prediction_head(evaluation: Evaluation, rule: str, modalities: list[str]) -> str:
+    """Which head predicts: `fused`, `ensemble` (mean of the k + 1 heads' probabilities), or
+    `held_out_best` — the one of fused, ensemble and the uni-modal heads scoring best on the held-out
+    split (never on test)."""
+    if rule != "held_out_best":
+        return rule
+    held = evaluation.splits["held_out"]
+    score = "map" if held["fused"].map is not None else "acc"
+    candidates = ["fused", ENSEMBLE, *modalities]
+    return max(candidates, key=lambda h: (getattr(held[h], score), -candidates.index(h)))  # ties: the earlier
+
+
+def prediction_metrics(evaluation: Evaluation, head: str, modalities: list[str]) -> dict[str, float]:
+    """`acc/<split>/prediction` (or map/...) = the chosen head's, plus `prediction/<head>` = 1 for it."""
+    out = {}
+    for split, heads in evaluation.splits.items():
+        for name in ("acc", "f1", "map"):
+            value = getattr(heads[head], name)
+            if value is not None:
+                out[f"{name}/{split}/{PREDICTION}"] = value
+    out.update({f"{PREDICTION}/{h}": float(h == head) for h in ["fused", ENSEMBLE, *modalities]})
+    return out
+
+
 def score_name(metrics: Mapping[str, object] | Iterable[str]) -> str:
     """The headline score of a run's metrics: 'acc' (single-label) or 'map' (multi-label data)."""
     return "map" if any(str(k).startswith("map/") for k in metrics) else "acc"

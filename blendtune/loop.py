@@ -26,7 +26,8 @@ from blendtune.checkpoint import load_checkpoint, rng_state, save_checkpoint, se
 from blendtune.data import Splits
 from blendtune.devices import autocast_dtype, resolve_device
 from blendtune.errors import TrainingDiverged, UserError
-from blendtune.evaluation import Evaluation, ShardSampler, evaluate_heads, ogr_metrics
+from blendtune.evaluation import (PREDICT_RULES, Evaluation, ShardSampler, evaluate_heads, ogr_metrics,
+                                  prediction_head, prediction_metrics)
 from blendtune.models import LateFusionClassifier
 from blendtune.strategies import BalancingStrategy, HeadLoss, probe_loss
 
@@ -48,6 +49,7 @@ class TrainOptions:
     cudnn_benchmark: bool = True       # CUDA only
     compile: bool = False              # torch.compile the module the training step runs through
     on_device: bool | None = None      # in-memory datasets batched on the device; None: on CUDA when they fit
+    predict: str = "fused"             # fused | ensemble | held_out_best (chosen on held-out data each epoch)
 
 
 def per_worker_batch_size(global_batch: int, workers: int) -> int:
@@ -100,6 +102,11 @@ class Trainer:
         self.options = o = options or TrainOptions()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks = list(callbacks)
+        if o.predict not in PREDICT_RULES:
+            raise UserError(f"config key 'train.predict': expected one of {', '.join(PREDICT_RULES)}, got {o.predict!r}")
+        if o.predict == "held_out_best" and splits.held_out is None:
+            raise UserError("config key 'train.predict': held_out_best chooses on held-out data; "
+                            "set data.held_out_ratio > 0")
         self.device = resolve_device(o.device)
         self.amp_dtype = autocast_dtype(o.amp, self.device)
         self.splits = splits
@@ -211,8 +218,10 @@ class Trainer:
             self.scheduler.step()
             evaluation = self.evaluate(self.model)
             self.strategy.on_epoch_end(epoch, evaluation, self.context)
+            head = prediction_head(evaluation, self.options.predict, self.model.modalities)
             metrics = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                        "loss/objective": train_loss, **evaluation.metrics(),
+                       **prediction_metrics(evaluation, head, self.model.modalities),
                        **ogr_metrics(self.last_losses, evaluation.losses()),
                        **self.strategy.pop_epoch_metrics(), **self._skipped_metrics(),
                        "time/epoch_s": time.perf_counter() - began}

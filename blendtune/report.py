@@ -15,7 +15,7 @@ from pathlib import Path
 
 from blendtune.config import ExperimentConfig, with_overrides
 from blendtune.errors import UserError
-from blendtune.evaluation import score_name
+from blendtune.evaluation import PREDICTION, score_name
 from blendtune.runs import load_sweep
 from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, trial_overrides
 
@@ -57,7 +57,8 @@ def load_trials(run_dir: Path) -> list[dict]:
         history = [by_epoch[e] for e in sorted(by_epoch)]
         trials.append({"trial": params.parent.name, "label": strategy_label(cfg), "seed": cfg.seed,
                        "strategy": cfg.strategy, "epochs_planned": cfg.train.epochs, "history": history,
-                       "prediction_head": cfg.unimodal.modality if cfg.strategy == "unimodal" else "fused"})
+                       "prediction_head": cfg.unimodal.modality if cfg.strategy == "unimodal" else
+                       PREDICTION if any(f"/test/{PREDICTION}" in k for row in history[-1:] for k in row) else "fused"})
     if not trials:
         raise UserError(f"no trials in '{experiment}'")
     return trials
@@ -70,7 +71,7 @@ def score_of(trials: list[dict]) -> str:
 
 def heads_of(trials: list[dict], score: str = "acc") -> list[str]:
     keys = {k for t in trials for row in t["history"] for k in row if k.startswith(f"{score}/test/")}
-    heads = sorted(k.split("/")[-1] for k in keys)
+    heads = sorted(k.split("/")[-1] for k in keys if k.split("/")[-1] != PREDICTION)
     return [h for h in heads if h not in ("fused", "ensemble")] + [h for h in ("fused", "ensemble") if h in heads]
 
 
@@ -143,8 +144,8 @@ def write_report(run_dir: Path) -> Path:
         groups[t["label"]].append(t)
     what = "Test accuracy (%)" if score == "acc" else "Test mAP (%)"
     lines = [f"# {run_dir.name}", "", f"{what} of the last epoch: mean ± the half-width of its 95% confidence "
-             "interval over seeds (t distribution). `prediction` is the fused head, or the trained modality's head "
-             "for `unimodal:`.", "",
+             "interval over seeds (t distribution). `prediction` is the head the run predicts with (`train.predict`: "
+             "fused, ensemble, or the best on held-out data), or the trained modality's head for `unimodal:`.", "",
              "| strategy | trials | epochs | prediction | " + " | ".join(heads) + " |",
              "|---|---|---|---|" + "---|" * len(heads)]
     for label, ts in groups.items():

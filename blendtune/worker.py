@@ -114,7 +114,7 @@ def build_trainer(cfg, run_dir: Path | None = None) -> Trainer:
                            num_workers=d.num_workers, device=t.device, amp=t.amp, grad_clip=o.grad_clip,
                            checkpoint_every=t.checkpoint_every, progress=t.progress, seed=cfg.seed,
                            skip_bad=d.skip_bad, channels_last=t.channels_last, cudnn_benchmark=t.cudnn_benchmark,
-                           compile=t.compile, on_device=d.on_device)
+                           compile=t.compile, on_device=d.on_device, predict=t.predict)
     try:
         return Trainer(model, strategy, splits, optimizer, scheduler, options, run_dir=run_dir)
     except OptionError as e:  # raised by a strategy's setup, e.g. a modality the data does not have

@@ -26,3 +26,28 @@ def test_paired_differences_pair_by_seed_and_mark_clear_wins():
     o = by_label["ogm_ge"]
     assert o.mean == pytest.approx(0.0) and not o.excludes_zero and o.wins == 2
     assert by_label["late"].seeds == 1 and not by_label["late"].excludes_zero
+
+
+def test_prediction_head_is_chosen_on_held_out_data_never_on_test():
+    from blendtune.evaluation import Evaluation, HeadStats, prediction_head, prediction_metrics
+    ev = Evaluation({
+        "held_out": {"a": HeadStats(1.0, acc=0.60), "b": HeadStats(1.0, acc=0.50), "fused": HeadStats(1.0, acc=0.70),
+                     "ensemble": HeadStats(1.0, acc=0.75)},
+        "test": {"a": HeadStats(1.0, acc=0.90), "b": HeadStats(1.0, acc=0.40), "fused": HeadStats(1.0, acc=0.72),
+                 "ensemble": HeadStats(1.0, acc=0.71)}})
+    assert prediction_head(ev, "fused", ["a", "b"]) == "fused"
+    assert prediction_head(ev, "held_out_best", ["a", "b"]) == "ensemble"   # 'a' is best on test: not looked at
+    m = prediction_metrics(ev, "ensemble", ["a", "b"])
+    assert m["acc/test/prediction"] == 0.71 and m["acc/held_out/prediction"] == 0.75
+    assert m["prediction/ensemble"] == 1.0 and m["prediction/fused"] == 0.0
+
+
+def test_train_predict_reports_the_prediction_head_every_epoch():
+    from blendtune.config import load_config
+    from blendtune.worker import build_trainer
+    from conftest import TINY
+    trainer = build_trainer(load_config(None, TINY + ["train.predict=held_out_best"]))
+    m = trainer.fit()
+    chosen = [h for h in ("fused", "ensemble", "clean", "memorizable") if m[f"prediction/{h}"] == 1.0]
+    assert len(chosen) == 1 and m["acc/test/prediction"] == m[f"acc/test/{chosen[0]}"]
+    assert m["acc/held_out/prediction"] == max(m[f"acc/held_out/{h}"] for h in ("fused", "ensemble", "clean", "memorizable"))
