@@ -7,6 +7,7 @@
     blendtune compare EXPERIMENT.yaml --strategies naive,gblend,ogm_ge,unimodal:audio --seeds 3 [key=value ...]
     blendtune report  RUN_DIR
     blendtune data check    DATASET|EXPERIMENT.yaml [--root DIR] [key=value ...]   walk every file
+    blendtune data prepare  DATASET|EXPERIMENT.yaml [--root DIR]   decode once into a cache training reads
     blendtune data download fsdd --root DIR
 
 sweep, compare and report print their run directory as the last line of stdout.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from blendtune.errors import UserError
@@ -51,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("dataset", help="a dataset name (crema_d, av_csv, features, avdigits, ...) or an experiment YAML")
     check.add_argument("overrides", nargs="*", help="config overrides, e.g. data.crema_d.frames_dir=Image-02-FPS")
     check.add_argument("--root", help="the dataset's folder (default: data.root / $BLENDTUNE_DATA_ROOT)")
+    prepare = data.add_parser("prepare", help="decode every clip once into a memory-mapped cache that training "
+                                              "(every trial of a sweep) then reads")
+    prepare.add_argument("dataset", help="a file layout (crema_d, av_csv) or an experiment YAML")
+    prepare.add_argument("overrides", nargs="*", help="config overrides, e.g. data.crema_d.image_size=112")
+    prepare.add_argument("--root", help="the dataset's folder (default: data.root / $BLENDTUNE_DATA_ROOT)")
     download = data.add_parser("download", help="fetch a public dataset and verify it")
     download.add_argument("name", choices=["fsdd"])
     download.add_argument("--root", required=True, help="data root; FSDD goes to ROOT/fsdd/recordings")
@@ -70,7 +77,19 @@ def data_command(args) -> int:
         cfg = load_config(args.dataset, args.overrides)
     else:
         cfg = load_config(None, [f"data.dataset={args.dataset}", *args.overrides])
-    report = DATASETS.get(cfg.data.dataset)(root=args.root or cfg.data.root, **dataset_options(cfg)).check()
+    adapter = DATASETS.get(cfg.data.dataset)(root=args.root or cfg.data.root, **dataset_options(cfg))
+    if args.data_command == "prepare":
+        if not hasattr(adapter, "prepare"):
+            raise UserError(f"data prepare: {cfg.data.dataset!r} is held in memory already; only file layouts "
+                            "(crema_d, av_csv) have a cache")
+        began = time.perf_counter()
+        cache = adapter.prepare(skip_bad=cfg.data.skip_bad)
+        m = cache.manifest
+        print(f"prepared {m['clips']} clips, {m['frames']} frames ({m['frame_size']}x{m['frame_size']}), audio at "
+              f"{m['sample_rate']} Hz: {cache.size_bytes() / 1e6:.1f} MB in {time.perf_counter() - began:.1f} s")
+        print(cache.directory)
+        return 0
+    report = adapter.check()
     print(report.format())
     return 1 if report.problems else 0
 

@@ -41,6 +41,8 @@ class DataFields:
     on_device: Optional[bool] = None  # in-memory data held on the training device, batched there without a
                                       # DataLoader; unset: on for in-memory data with a CUDA device
     spectrogram_on: str = "loader"  # loader: in the loader workers | device: batched in the training step
+    frames_on: str = "loader"    # JPEG decode + crop/resize: loader workers | device (nvjpeg, batched in the step)
+    use_cache: bool = True       # read the cache `blendtune data prepare` wrote, when it is fresh
 
 
 @dataclass
@@ -239,6 +241,7 @@ _CHOICES = {
     "train.amp": PRECISIONS,
     "train.predict": PREDICT_RULES,
     "data.spectrogram_on": ("loader", "device"),
+    "data.frames_on": ("loader", "device"),
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "sweep.search": ("optuna", "random", "grid"),

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -82,7 +83,9 @@ class LoopContext:
     """The narrow view of the loop that strategies' epoch hooks get (`strategies.TrainingContext`)."""
 
     def __init__(self, trainer: "Trainer"):
-        self._trainer = trainer
+        # A weak reference: a Trainer <-> context cycle would leave the Trainer to the cycle collector, which
+        # closes the DataLoader's queues before its workers are joined (a 5 s wait per worker).
+        self._trainer = weakref.proxy(trainer)
 
     epoch = property(lambda self: self._trainer.epoch)
     step = property(lambda self: self._trainer.step)
@@ -188,7 +191,7 @@ class Trainer:
     def _to_device(self, batch):
         inputs, targets = batch[:2]  # file datasets add a third element: bad samples dropped (data.skip_bad)
         nb = self.device.type == "cuda"
-        inputs = {m: x.to(self.device, non_blocking=nb) for m, x in inputs.items()}
+        inputs = {m: x.to(self.device, non_blocking=nb) for m, x in inputs.items()}  # (FramePayload has .to too)
         with torch.no_grad():
             for m, transform in self.device_transforms.items():
                 inputs[m] = transform(inputs[m])

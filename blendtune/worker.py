@@ -145,7 +145,8 @@ def build_data(cfg):
         return make_splits(train, test, d.held_out_ratio, d.held_out_by_group, d.train_eval_size, cfg.seed,
                            held_out=held_out, name=d._target_)
     return build_splits(d.dataset, {**dataset_options(cfg), "root": d.root}, d.held_out_ratio, d.held_out_by_group,
-                        d.train_eval_size, cfg.seed, skip_bad=d.skip_bad, spectrogram_on=d.spectrogram_on)
+                        d.train_eval_size, cfg.seed, skip_bad=d.skip_bad, spectrogram_on=d.spectrogram_on,
+                        frames_on=d.frames_on, use_cache=d.use_cache)
 
 
 def build_model(cfg, splits):

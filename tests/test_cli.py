@@ -67,9 +67,30 @@ def test_resume_continues_and_extends_a_run_in_metrics_and_wandb(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     # the offline W&B run (one session before the resume, one after) has each epoch once, with the
     # values of metrics.jsonl, OGM's series included
+    sessions = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(sessions) == 2 and {f.name for f in sessions} == {f"run-{Path(run_dir).name}.wandb"}  # one W&B run
     history = wandb_history(run_dir)
     assert all(f"ogm/coeff/{m}" in h and f"ogm/rho/{m}" in h for h in history for m in ("clean", "memorizable"))
     assert_wandb_matches_metrics(history, rows)
+
+
+@pytest.mark.xfail(strict=True, reason="known: W&B keeps the epochs logged after the last checkpoint, and a "
+                   "resume logs them again (metrics.jsonl drops and rewrites them)")
+def test_wandb_after_resuming_from_an_older_checkpoint_has_each_epoch_once(tmp_path):
+    # A run that logged epoch 3 but died before checkpointing it: simulated by putting epoch 2's
+    # checkpoint back after epoch 3 (a crash between the loggers and the checkpoint write).
+    proc = blendtune("train", "experiments/synthetic_ogm.yaml", *TINY, "wandb=true", f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    at_epoch_2 = checkpoint.read_bytes()
+    assert blendtune("train", "--resume", str(run_dir), "train.epochs=3").returncode == 0
+    checkpoint.write_bytes(at_epoch_2)
+    proc = blendtune("train", "--resume", str(run_dir), "train.epochs=4")
+    assert proc.returncode == 0 and "resuming at epoch 3 of 4" in proc.stdout, proc.stderr
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [h["_step"] for h in wandb_history(run_dir)] == [1, 2, 3, 4]  # today: [1, 2, 3, 3, 4]
 
 
 @pytest.mark.parametrize("args,expected", [

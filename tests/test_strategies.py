@@ -193,8 +193,8 @@ def test_ogm_conv_option_leaves_linear_layers_alone():
                 untouched += p.dim() != 4
     assert scaled == 4 and untouched >= 9  # 4 conv weights of the led encoder; its BN and linear stay
     for name, p in model.named_parameters():
-        if not name.startswith("encoders."):
-            assert torch.equal(p.grad, before[name]), name  # fusion and heads: never modulated
+        if not name.startswith("encoders.") and p.grad is not None:
+            assert torch.equal(p.grad, before[name]), name  # the fusion: never modulated
 
 
 def test_nan_loss_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
@@ -252,8 +252,8 @@ def test_ogm_ge_noise_is_the_same_whatever_the_torch_thread_count():
     for (n, step), out in noisy.items():
         assert all(torch.equal(a, b) for a, b in zip(out, noisy[1, step])), (n, step)
     noise = [o - 0.5 * g for o, g in zip(noisy[1, 0], grads)]
-    for e, g in zip(noise, grads):  # GE noise: std = noise_scale * std(g) per tensor
-        assert e.std().item() == pytest.approx(g.std().item(), rel=0.1)
+    for e, g in zip(noise[:2], grads):  # GE noise: std = noise_scale * std(g) per tensor (the large ones)
+        assert e.std().item() == pytest.approx(g.std().item(), rel=0.05)
     assert not torch.equal(noisy[1, 0][0], noisy[1, 1][0])  # a new step draws new noise
 
 

@@ -116,12 +116,12 @@ def test_compare_writes_table_csv_plots_and_report_rebuilds(tmp_path):
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(run_dir)
     assert (run_dir / "report.md").read_text() == report
     # resuming a finished comparison runs nothing again: no trial lost or duplicated, the same report
-    trials = sorted(p.name for p in (run_dir / "tune").glob("*/params.json"))
+    trials = sorted(p.parent.name for p in (run_dir / "tune").glob("*/params.json"))
     results = (run_dir / "results.csv").read_text()
     resumed = blendtune("compare", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1] == str(run_dir)
-    assert sorted(p.name for p in (run_dir / "tune").glob("*/params.json")) == trials
+    assert sorted(p.parent.name for p in (run_dir / "tune").glob("*/params.json")) == trials
     assert all(len(result_rows(d)) == 2 for d in (run_dir / "tune").iterdir() if (d / "params.json").is_file())
     assert (run_dir / "results.csv").read_text() == results and (run_dir / "report.md").read_text() == report
 

@@ -16,11 +16,12 @@ import sys
 import soundfile
 import torch
 from torch.utils.data import Dataset, default_collate
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms import v2
 
 from blendtune.data.audio import MIN_CLIP_S, LogSpectrogram, fit_to_window, read_clip
 from blendtune.data.base import DatasetAdapter, DataCheck, Problem, data_root
+from blendtune.data.clip_cache import ClipCache, build_cache, cache_dir, fresh_cache
 from blendtune.errors import OptionError, UserError
 
 SHORT_CLIP = "short clip"  # decodable, so training only warns; `data check` lists it as a problem
@@ -57,6 +58,8 @@ class ClipConfig:
     pad: str = "tile"            # a short clip is repeated (tile, as OGM-GE) or zero-padded (zero)
     num_frames: int = 1          # frames sampled per clip (random in training, evenly spaced in evaluation)
     image_size: int = 224
+    cache_frame_size: int = 0    # prepared cache (`blendtune data prepare`): frames stored at this square size
+                                 # (0: image_size * 8 / 7, what a crop of image_size is taken from)
 
     def validate(self) -> None:
         if self.pad not in ("tile", "zero"):
@@ -77,6 +80,11 @@ class ClipOptions:
     pad: str = "tile"        # a short clip is repeated (tile) or zero-padded (zero) to the window
     num_frames: int = 1
     image_size: int = 224
+    cache_frame_size: int = 0
+
+    @property
+    def frame_size(self) -> int:
+        return self.cache_frame_size or round(self.image_size * 8 / 7)
 
     def spectrogram(self) -> LogSpectrogram:
         return LogSpectrogram(self.sample_rate, self.n_fft, self.hop_length, self.n_mels)
@@ -149,6 +157,73 @@ def warn_short_clips(short: list[Problem]) -> None:
               "they train padded; `blendtune data check` lists them", file=sys.stderr, flush=True)
 
 
+def frame_transform(size: int, train: bool) -> v2.Compose:
+    """uint8 (3, H, W) -> normalised float (3, size, size): a random crop and flip in training, a resize
+    in evaluation (the OGM-GE recipe). The same transform runs in loader workers or on the device."""
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *normalize])
+    return v2.Compose([v2.Resize((size, size), antialias=True), *normalize])
+
+
+@dataclass
+class FramePayload:
+    """Frames a loader worker hands on undecoded (JPEG bytes, `encoded`) or decoded but untransformed
+    (uint8 images from the prepared cache), `per_clip` of them per clip in order (data.frames_on=device).
+    A batch travels as one tensor (the bytes concatenated, or the images stacked): one shared-memory
+    block per batch from a loader worker, not one per frame."""
+    data: torch.Tensor           # encoded: uint8 (total bytes,); else uint8 (frames, 3, H, W)
+    sizes: list[int]             # encoded: bytes per frame
+    encoded: bool
+    train: bool
+    sources: list[str]           # frame folders, for error messages
+    per_clip: int
+
+    @staticmethod
+    def of(images: list[torch.Tensor], encoded: bool, train: bool, source: str) -> "FramePayload":
+        data = torch.cat(images) if encoded else torch.stack(images)
+        return FramePayload(data, [len(im) for im in images] if encoded else [], encoded, train, [source], len(images))
+
+    @staticmethod
+    def batch(payloads: list["FramePayload"]) -> "FramePayload":
+        first = payloads[0]
+        return FramePayload(torch.cat([p.data for p in payloads]), [n for p in payloads for n in p.sizes],
+                            first.encoded, first.train, [s for p in payloads for s in p.sources], first.per_clip)
+
+    def images(self) -> list[torch.Tensor]:
+        return list(self.data.split(self.sizes)) if self.encoded else list(self.data)
+
+    def to(self, device, non_blocking: bool = False) -> "FramePayload":
+        if self.encoded:  # nvjpeg reads the bytes from host memory
+            return self
+        return FramePayload(self.data.to(device, non_blocking=non_blocking), self.sizes, False, self.train,
+                            self.sources, self.per_clip)
+
+
+class DeviceFrames(torch.nn.Module):
+    """In the step, on the training device: decode a batch's JPEGs (torchvision's decode_jpeg, nvjpeg on
+    CUDA, batched), then the same crop / flip / resize / normalise as the loader path -> (B, T, 3, S, S)."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.image_size = image_size
+        self.register_buffer("_device", torch.zeros(0), persistent=False)  # where .to() put the module
+        self.transforms = {True: frame_transform(image_size, True), False: frame_transform(image_size, False)}
+
+    def forward(self, payload: FramePayload) -> torch.Tensor:
+        device = self._device.device
+        images = payload.images()
+        if payload.encoded:
+            try:
+                images = decode_jpeg(images, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as e:
+                raise UserError(f"cannot decode a JPEG frame of {sorted(set(payload.sources))[:3]}: "
+                                f"{str(e).splitlines()[0]}") from None
+        transform = self.transforms[payload.train]
+        frames = torch.stack([transform(image.to(device)) for image in images])
+        return frames.view(-1, payload.per_clip, *frames.shape[1:])
+
+
 class AudioVisualDataset(Dataset):
     """Item: ({'audio': (1, F, T) spectrogram or (L,) waveform, 'visual': (num_frames, 3, S, S)}, target).
 
@@ -157,9 +232,11 @@ class AudioVisualDataset(Dataset):
     `skip_bad` the item is dropped from its batch instead and counted (`collate_fn`)."""
 
     def __init__(self, samples: list[Sample], classes: list[str], multilabel: bool, options: ClipOptions,
-                 train: bool, skip_bad: bool = False, spectrogram_on: str = "loader"):
+                 train: bool, skip_bad: bool = False, spectrogram_on: str = "loader", frames_on: str = "loader",
+                 cache: ClipCache | None = None):
         self.samples, self.classes, self.multilabel = samples, classes, multilabel
         self.options, self.train, self.skip_bad, self.spectrogram_on = options, train, skip_bad, spectrogram_on
+        self.frames_on, self.cache = frames_on, cache
         self.num_classes = len(classes)
         index = {c: i for i, c in enumerate(classes)}
         if multilabel:
@@ -173,11 +250,9 @@ class AudioVisualDataset(Dataset):
         self.default_encoders = {"audio": "resnet18", "visual": "resnet18"}
         self.spectrogram = options.spectrogram()
         self.device_transforms = {"audio": self.spectrogram} if spectrogram_on == "device" else {}
-        normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        size = options.image_size
-        self.frame_transform = v2.Compose(
-            [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] + normalize if train
-            else [v2.Resize((size, size), antialias=True)] + normalize)
+        if frames_on == "device":
+            self.device_transforms["visual"] = DeviceFrames(options.image_size)
+        self.frame_transform = frame_transform(options.image_size, train)
 
     modalities = property(lambda self: ["audio", "visual"])
 
@@ -192,22 +267,32 @@ class AudioVisualDataset(Dataset):
 
     def subset(self, indices) -> "AudioVisualDataset":
         return AudioVisualDataset([self.samples[int(i)] for i in indices], self.classes, self.multilabel,
-                                  self.options, self.train, self.skip_bad, self.spectrogram_on)
+                                  self.options, self.train, self.skip_bad, self.spectrogram_on, self.frames_on,
+                                  self.cache)
 
     def for_evaluation(self) -> "AudioVisualDataset":
         """The same samples with evaluation transforms (held-out and train-loss measurements)."""
         return AudioVisualDataset(self.samples, self.classes, self.multilabel, self.options, False,
-                                  self.skip_bad, self.spectrogram_on)
+                                  self.skip_bad, self.spectrogram_on, self.frames_on, self.cache)
 
     def load(self, sample: Sample) -> dict[str, torch.Tensor]:
         o = self.options
-        wave = fit_to_window(read_clip(sample.audio, o.sample_rate), o.window, o.pad).clamp(-1.0, 1.0)
+        wave = self.cache.wave(sample) if self.cache is not None else read_clip(sample.audio, o.sample_rate)
+        wave = fit_to_window(wave, o.window, o.pad).clamp(-1.0, 1.0)
         audio = wave if self.spectrogram_on == "device" else self.spectrogram(wave)
-        files = frame_files(sample.frames) if sample.frames.is_dir() else []
-        if not files:
-            raise UserError(f"frame folder '{sample.frames}' is missing or has no .jpg files")
-        frames = [self.frame_transform(read_frame(files[i])) for i in pick_frames(len(files), o.num_frames, self.train)]
-        return {"audio": audio, "visual": torch.stack(frames)}
+        if self.cache is not None:  # decoded and resized once, by `blendtune data prepare`
+            images = self.cache.frames(sample, pick_frames(self.cache.frame_count(sample), o.num_frames, self.train))
+            encoded = False
+        else:
+            files = frame_files(sample.frames) if sample.frames.is_dir() else []
+            if not files:
+                raise UserError(f"frame folder '{sample.frames}' is missing or has no .jpg files")
+            picked = [files[i] for i in pick_frames(len(files), o.num_frames, self.train)]
+            encoded = self.frames_on == "device"  # the step decodes them (nvjpeg on a GPU)
+            images = [read_file(str(p)) for p in picked] if encoded else [read_frame(p) for p in picked]
+        if self.frames_on == "device":
+            return {"audio": audio, "visual": FramePayload.of(images, encoded, self.train, str(sample.frames))}
+        return {"audio": audio, "visual": torch.stack([self.frame_transform(image) for image in images])}
 
     def __getitem__(self, i: int):
         try:
@@ -223,7 +308,10 @@ class AudioVisualDataset(Dataset):
         good = [item for item in items if item is not None]
         if not good:
             return {}, torch.zeros(0, dtype=torch.long), len(items)
+        payloads = [inputs.pop("visual") for inputs, _ in good if isinstance(inputs.get("visual"), FramePayload)]
         inputs, targets = default_collate(good)
+        if payloads:
+            inputs["visual"] = FramePayload.batch(payloads)
         return inputs, targets, len(items) - len(good)
 
 
@@ -239,7 +327,7 @@ class AudioVisualAdapter(DatasetAdapter):
     def catalog(self) -> Catalog:
         raise NotImplementedError
 
-    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
+    def good_samples(self, skip_bad: bool) -> tuple[Catalog, list[Sample]]:
         catalog = self.catalog()
         found = scan(catalog.samples, decode=False)
         warn_short_clips([p for p in found if p is not None and p.kind == SHORT_CLIP])
@@ -251,11 +339,25 @@ class AudioVisualAdapter(DatasetAdapter):
             if not skip_bad:
                 raise UserError(f"{summary}, data.skip_bad=true trains without them")
             print(f"blendtune: skipping {summary}", file=sys.stderr, flush=True)
-        good = [s for s, p in zip(catalog.samples, found) if p is None]
+        return catalog, [s for s, p in zip(catalog.samples, found) if p is None]
+
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader", frames_on: str = "loader",
+              use_cache: bool = True):
+        catalog, good = self.good_samples(skip_bad)
+        o = self.options
+        cache = fresh_cache(good, self.root, self.name, o.sample_rate, o.frame_size) if use_cache else None
         return tuple(AudioVisualDataset([s for s in good if s.split == split], catalog.classes, catalog.multilabel,
-                                        self.options, train=split == "train", skip_bad=skip_bad,
-                                        spectrogram_on=spectrogram_on)
+                                        o, train=split == "train", skip_bad=skip_bad, spectrogram_on=spectrogram_on,
+                                        frames_on=frames_on, cache=cache)
                      for split in SPLITS)
+
+    def prepare(self, skip_bad: bool = False) -> ClipCache:
+        """`blendtune data prepare`: decode every good sample once into the cache training then reads."""
+        _, good = self.good_samples(skip_bad)
+        o = self.options
+        directory = cache_dir(self.root, self.name, o.sample_rate, o.frame_size)
+        build_cache(good, self.root, directory, o.sample_rate, o.frame_size)
+        return ClipCache.open(directory, self.root)
 
     def check(self) -> DataCheck:
         catalog = self.catalog()

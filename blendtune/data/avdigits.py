@@ -92,7 +92,7 @@ class AVDigits(DatasetAdapter):
     """Options: data.avdigits (test_speakers, window_s, sample_rate, n_fft, hop_length, n_mels, pairing_seed)."""
     name = "avdigits"
 
-    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader", **_in_memory_ignores):
         # Decoded once into memory (3,000 short clips): no loader workers, no device-side spectrogram needed.
         return avdigits(root=self.root, skip_bad=skip_bad, **self.options)
 

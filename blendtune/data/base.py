@@ -60,8 +60,11 @@ class DatasetAdapter:
         self.root = root
         self.options = options
 
-    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader") -> tuple[Dataset, Dataset]:
-        """(train, test) datasets with `targets`, `num_classes`, `modalities`, `input_shapes`, `subset`."""
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader", frames_on: str = "loader",
+              use_cache: bool = True) -> tuple[Dataset, Dataset]:
+        """(train, test) datasets with `targets`, `num_classes`, `modalities`, `input_shapes`, `subset`.
+        File layouts decode frames in the loader or on the device (`frames_on`) and read a prepared
+        cache when one is fresh (`use_cache`); in-memory datasets ignore both."""
         raise NotImplementedError
 
     def check(self) -> DataCheck:
@@ -195,9 +198,11 @@ def held_out_indices(targets: np.ndarray, ratio: float, seed: int,
 
 def build_splits(dataset: str, data_args: dict, held_out_ratio: float, held_out_by_group: bool,
                  train_eval_size: int | None, seed: int, skip_bad: bool = False,
-                 spectrogram_on: str = "loader") -> Splits:
-    """Build the named dataset and carve the held-out split from its training part (seeded)."""
-    full_train, test = DATASETS.get(dataset)(**data_args).build(skip_bad=skip_bad, spectrogram_on=spectrogram_on)
+                 spectrogram_on: str = "loader", **loading) -> Splits:
+    """Build the named dataset and carve the held-out split from its training part (seeded).
+    `loading`: frames_on, use_cache (file layouts)."""
+    full_train, test = DATASETS.get(dataset)(**data_args).build(skip_bad=skip_bad, spectrogram_on=spectrogram_on,
+                                                                **loading)
     return make_splits(full_train, test, held_out_ratio, held_out_by_group, train_eval_size, seed, name=dataset)
 
 

@@ -111,7 +111,7 @@ class Features(DatasetAdapter):
         labels = [splits[s]["labels"] for s in SPLITS]
         return labels[0].shape[1] if labels[0].ndim == 2 else int(max(x.max() for x in labels)) + 1
 
-    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader", **_in_memory_ignores):
         base, modalities, splits, problems = self.load()
         if problems:  # whole arrays: nothing to skip sample by sample
             raise UserError(f"features in '{base}': {problems[0]}"

@@ -52,7 +52,7 @@ class Synthetic(DatasetAdapter):
     name = "synthetic"
     reads_files = False
 
-    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader"):
+    def build(self, skip_bad: bool = False, spectrogram_on: str = "loader", **_in_memory_ignores):
         o = self.options
         gen = torch.Generator().manual_seed(o["seed"])
         prototypes = {m: torch.randn(o["num_classes"], spec["dim"], generator=gen) for m, spec in o["modalities"].items()}

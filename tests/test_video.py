@@ -1,0 +1,166 @@
+"""Reading clips from video files with torchcodec (blendtune.data.video) on tiny generated mp4s.
+
+Test files come from write_test_video: torchcodec's VideoEncoder (H.264 with Debian's FFmpeg) and
+AudioEncoder (AAC), muxed by the ffmpeg command line. Colours survive RGB -> YUV 4:2:0 -> H.264 -> RGB
+within COLOUR_TOLERANCE levels (a constant frame loses nothing to chroma subsampling; what is left is
+the limited-range YUV rounding and quantisation of flat blocks, measured at <= 3)."""
+import math
+
+import pytest
+import torch
+
+from blendtune.data.audiovisual import pick_frames
+from blendtune.errors import UserError
+
+from blendtune.data import video
+
+FRAMES, SIZE, FPS = 10, 32, 10
+COLOUR_TOLERANCE = 8  # max |mean decoded - encoded| per channel, in uint8 levels
+# Frame i has its own constant colour; any two differ by >= 40 levels in some channel.
+COLOURS = torch.tensor([[(40 * i + 20) % 256, 230 - 20 * i, (90 * i + 30) % 256] for i in range(FRAMES)])
+
+
+def constant_frames(colours=COLOURS, size=SIZE) -> torch.Tensor:
+    return colours[:, :, None, None].expand(-1, 3, size, size).to(torch.uint8).contiguous()
+
+
+def sine(freq: float, seconds: float, rate: int, channels: int = 1) -> torch.Tensor:
+    t = torch.arange(int(seconds * rate)) / rate
+    return (0.5 * torch.sin(2 * math.pi * freq * t)).repeat(channels, 1)
+
+
+def frame_indices(frames: torch.Tensor) -> list[int]:
+    """Which encoded frame each decoded frame is: the nearest colour, checked to be within tolerance."""
+    means = frames.float().mean((2, 3))
+    dist = (means[:, None, :] - COLOURS[None].float()).abs().amax(-1)  # (decoded, encoded)
+    best = dist.argmin(1)
+    assert (dist.min(1).values <= COLOUR_TOLERANCE).all(), dist.min(1).values
+    return best.tolist()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    paths = {name: root / f"{name}.mp4" for name in ("silent", "with_audio", "audio_only")}
+    video.write_test_video(paths["silent"], constant_frames(), FPS)
+    video.write_test_video(paths["with_audio"], constant_frames(), FPS, audio=sine(440, 1.0, 16000, channels=2),
+                           sample_rate=16000)
+    video.write_test_video(paths["audio_only"], None, FPS, audio=sine(440, 1.0, 16000), sample_rate=16000)
+    paths["garbage"] = root / "garbage.mp4"
+    paths["garbage"].write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video\n" * 20)
+    data = paths["silent"].read_bytes()
+    paths["truncated"] = root / "truncated.mp4"  # moov atom at the end: cut, the container no longer opens
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    return paths
+
+
+def test_written_clips_have_the_streams_asked_for(clips):
+    from torchcodec.decoders import AudioDecoder, VideoDecoder
+    decoder = VideoDecoder(str(clips["with_audio"]))
+    assert len(decoder) == FRAMES and (decoder.metadata.width, decoder.metadata.height) == (SIZE, SIZE)
+    assert decoder.metadata.codec in ("h264", "mpeg4")
+    assert AudioDecoder(str(clips["with_audio"])).metadata.num_channels == 2
+
+
+@pytest.mark.parametrize("name", ["silent", "with_audio"])
+def test_evaluation_reads_evenly_spaced_frames_of_the_right_colour(clips, name):
+    frames = video.read_video_frames(clips[name], 4, train=False)
+    assert frames.shape == (4, 3, SIZE, SIZE) and frames.dtype == torch.uint8 and frames.device.type == "cpu"
+    assert frame_indices(frames) == [0, 3, 6, 9] == pick_frames(FRAMES, 4, False)
+    expected = COLOURS[[0, 3, 6, 9]].float()
+    assert (frames.float().mean((2, 3)) - expected).abs().max() <= COLOUR_TOLERANCE
+    assert torch.equal(frames, video.read_video_frames(clips[name], 4, train=False))  # deterministic
+
+
+def test_training_reads_the_sorted_random_frames_pick_frames_draws(clips):
+    seen = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        expected = pick_frames(FRAMES, 3, True)
+        torch.manual_seed(seed)
+        got = frame_indices(video.read_video_frames(clips["silent"], 3, train=True))
+        assert got == expected == sorted(got)
+        seen.add(tuple(got))
+    assert len(seen) > 1  # varies with the seed
+
+
+def test_more_frames_than_the_video_has_repeat_some(clips):
+    torch.manual_seed(0)
+    frames = video.read_video_frames(clips["silent"], FRAMES + 5, train=True)
+    got = frame_indices(frames)
+    assert frames.shape[0] == FRAMES + 5 and got == sorted(got) and len(set(got)) < len(got)
+
+
+def test_only_the_picked_frames_are_decoded_in_one_batched_call(clips, monkeypatch):
+    from torchcodec.decoders import VideoDecoder
+    calls = []
+    batched = VideoDecoder.get_frames_at
+    monkeypatch.setattr(VideoDecoder, "get_frames_at", lambda self, idx: calls.append(list(idx)) or batched(self, idx))
+    for name in ("__getitem__", "get_frame_at", "get_frames_in_range", "get_frames_played_in_range"):
+        monkeypatch.setattr(VideoDecoder, name, lambda *a, **k: pytest.fail("decoded frame by frame"))
+    video.read_video_frames(clips["silent"], 2, train=False)
+    assert calls == [[0, 9]]
+
+
+def test_audio_is_mono_at_the_requested_rate_and_peaks_at_the_sine(clips):
+    for rate in (8000, 22050):
+        wave = video.read_video_audio(clips["with_audio"], rate)
+        assert wave.dtype == torch.float32 and wave.dim() == 1
+        assert abs(len(wave) - rate) < 0.1 * rate  # 1 s (AAC adds a frame of padding)
+        spectrum = torch.fft.rfft(wave * torch.hann_window(len(wave))).abs()
+        peak = spectrum.argmax().item() * rate / len(wave)
+        assert abs(peak - 440) < 5, peak  # 220 or 880 if the rate were wrong
+
+
+@pytest.mark.parametrize("name", ["garbage", "truncated"])
+def test_an_undecodable_file_is_one_line_naming_it(clips, name):
+    for read in (lambda p: video.read_video_frames(p, 2, train=False), lambda p: video.read_video_audio(p, 8000)):
+        with pytest.raises(UserError) as e:
+            read(clips[name])
+        message = str(e.value)
+        assert message.startswith(f"cannot decode video file '{clips[name]}': ") and "\n" not in message
+        assert ".cpp" not in message  # torchcodec's C++ location is dropped
+
+
+def test_an_audio_only_file_has_no_frames(clips):
+    with pytest.raises(UserError) as e:
+        video.read_video_frames(clips["audio_only"], 2, train=False)
+    assert str(e.value) == f"video file '{clips['audio_only']}' has no frames"
+
+
+def test_a_video_without_audio_has_no_audio_stream(clips):
+    with pytest.raises(UserError) as e:
+        video.read_video_audio(clips["silent"], 8000)
+    assert str(e.value) == f"video file '{clips['silent']}' has no audio stream"
+
+
+def test_video_problem_kinds(clips, tmp_path):
+    for decode in (False, True):
+        assert video.video_problem(clips["with_audio"], decode) is None
+        assert video.video_problem(tmp_path / "nope.mp4", decode).kind == "missing file"
+        assert video.video_problem(clips["garbage"], decode).kind == "undecodable video"
+        assert video.video_problem(clips["truncated"], decode).kind == "undecodable video"
+        assert video.video_problem(clips["audio_only"], decode).kind == "frameless video"
+    problem = video.video_problem(clips["garbage"], True)
+    assert problem.path == str(clips["garbage"]) and problem.detail and "\n" not in problem.detail
+
+
+def test_only_decode_true_catches_a_cut_stream_behind_an_intact_header(tmp_path):
+    # moov first (faststart): the cut file opens and its packets scan, but the last frames do not decode.
+    from torchcodec.encoders import VideoEncoder
+    full, cut = tmp_path / "full.mp4", tmp_path / "cut.mp4"
+    noise = torch.randint(0, 256, (FRAMES, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    VideoEncoder(noise, frame_rate=FPS).to_file(str(full), extra_options={"movflags": "+faststart"})
+    data = full.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    assert video.video_problem(cut, decode=False) is None
+    problem = video.video_problem(cut, decode=True)
+    assert problem.kind == "undecodable video" and "\n" not in problem.detail
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_frames_match_the_cpu_ones(clips):
+    cpu = video.read_video_frames(clips["silent"], 4, train=False)
+    gpu = video.read_video_frames(clips["silent"], 4, train=False, device="cuda")
+    assert gpu.device.type == "cuda" and gpu.shape == cpu.shape and gpu.dtype == torch.uint8
+    assert (gpu.cpu().float() - cpu.float()).abs().mean() <= COLOUR_TOLERANCE
