@@ -164,3 +164,61 @@ def test_cuda_frames_match_the_cpu_ones(clips):
     gpu = video.read_video_frames(clips["silent"], 4, train=False, device="cuda")
     assert gpu.device.type == "cuda" and gpu.shape == cpu.shape and gpu.dtype == torch.uint8
     assert (gpu.cpu().float() - cpu.float()).abs().mean() <= COLOUR_TOLERANCE
+
+
+# ---- the av_csv layout with video files (Kinetics-Sounds / VGGSound as distributed) -----------------
+def _video_tree(root, wav_for=()):
+    import numpy as np
+    from blendtune.data.video import write_test_video
+    labels = ["dog", "drum", "rain"]
+    lines = ["id,label,split"]
+    (root / "video").mkdir(parents=True)
+    for i in range(9):
+        c = i % 3
+        frames = torch.full((6, 3, 32, 32), 40 + 80 * c, dtype=torch.uint8)
+        t = torch.arange(8000) / 16000
+        audio = 0.5 * torch.sin(2 * torch.pi * (300 + 300 * c) * t)
+        write_test_video(root / "video" / f"clip{i}.mp4", frames, fps=12, audio=audio[None], sample_rate=16000)
+        if i in wav_for:
+            import soundfile
+            (root / "audio").mkdir(exist_ok=True)
+            soundfile.write(root / "audio" / f"clip{i}.wav", np.zeros(8000, dtype=np.float32), 16000)
+        lines.append(f"clip{i},{labels[c]},{'test' if i >= 6 else 'train'}")
+    (root / "data.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+VIDEO_TINY = ["data.dataset=av_csv", "data.av_csv.sample_rate=8000", "data.av_csv.window_s=0.5",
+              "data.av_csv.n_fft=128", "data.av_csv.hop_length=64", "data.av_csv.image_size=32",
+              "data.av_csv.num_frames=2", "model.encoders.audio.name=spec_cnn", "model.encoders.audio.hidden=8",
+              "model.encoders.visual.name=spec_cnn", "model.encoders.visual.hidden=8", "data.batch_size=3",
+              "train.epochs=1", "train.progress=false", "wandb=false", "data.held_out_ratio=0"]
+
+
+def test_av_csv_reads_frames_and_audio_from_video_files(tmp_path):
+    from blendtune.config import load_config
+    from blendtune.worker import build_trainer
+    root = _video_tree(tmp_path / "ks", wav_for=(0,))
+    trainer = build_trainer(load_config(None, [*VIDEO_TINY, f"data.root={root}"]))
+    samples = {s.id: s for s in trainer.splits.train.samples}
+    assert samples["clip1"].video is not None and samples["clip1"].audio == samples["clip1"].video  # audio from mp4
+    assert samples["clip0"].audio.suffix == ".wav"                                                   # its WAV wins
+    evaluation = trainer.splits.test
+    inputs, target = evaluation[0]
+    assert inputs["visual"].shape == (2, 3, 32, 32) and inputs["audio"].shape[0] == 1
+    # the decoded frame is the encoded colour (normalised): clip6 is class 0, pixel value 40
+    from blendtune.data.audiovisual import IMAGENET_MEAN, IMAGENET_STD
+    expected = (40 / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
+    assert abs(inputs["visual"][:, 0].mean().item() - expected) < 8 / 255 / IMAGENET_STD[0]
+    assert torch.isfinite(torch.tensor(trainer.fit()["loss/objective"]))
+
+
+def test_data_check_names_undecodable_videos(tmp_path):
+    import subprocess
+    import sys
+    from conftest import REPO
+    root = _video_tree(tmp_path / "ks")
+    (root / "video" / "clip4.mp4").write_bytes(b"not a video at all")
+    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "data", "check", "av_csv", "--root", str(root)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 1 and "undecodable video" in proc.stdout and "clip4.mp4" in proc.stdout

@@ -22,6 +22,8 @@ from torchvision.transforms import v2
 from blendtune.data.audio import MIN_CLIP_S, LogSpectrogram, fit_to_window, read_clip
 from blendtune.data.base import DatasetAdapter, DataCheck, Problem, data_root
 from blendtune.data.clip_cache import ClipCache, build_cache, cache_dir, fresh_cache
+from blendtune.data.frames import pick_frames
+from blendtune.data.video import read_video_audio, read_video_frames, video_problem
 from blendtune.errors import OptionError, UserError
 
 SHORT_CLIP = "short clip"  # decodable, so training only warns; `data check` lists it as a problem
@@ -34,9 +36,10 @@ class Sample:
     id: str
     split: str
     labels: tuple[str, ...]
-    audio: Path
-    frames: Path | None  # None: an audio-only sample
+    audio: Path          # a WAV, or the video file itself when its audio comes from there
+    frames: Path | None  # a folder of JPEG frames; None: an audio-only sample or frames from `video`
     group: str | None = None
+    video: Path | None = None  # frames (and, without a WAV, audio) decoded from this file (torchcodec)
 
 
 @dataclass
@@ -105,17 +108,25 @@ def read_frame(path: Path) -> torch.Tensor:
         raise UserError(f"cannot decode JPEG file '{path}': {e}") from None
 
 
-def pick_frames(count: int, wanted: int, train: bool) -> list[int]:
-    """Training: a random sorted subset (as the OGM-GE code); evaluation: evenly spaced, deterministic."""
-    if train:
-        idx = torch.randperm(count)[:wanted] if count >= wanted else torch.randint(count, (wanted,))
-        return sorted(idx.tolist())
-    return torch.linspace(0, count - 1, wanted).round().long().tolist()
+def read_sample_audio(sample: Sample, sample_rate: int) -> torch.Tensor:
+    """The clip's mono waveform at `sample_rate`: from its WAV, or from its video file's audio stream."""
+    if sample.video is not None and sample.audio == sample.video:
+        return read_video_audio(sample.video, sample_rate)
+    return read_clip(sample.audio, sample_rate)
 
 
 def sample_problem(sample: Sample, decode: bool) -> Problem | None:
     """The first thing wrong with a sample's files. decode=False reads only the WAV header and lists the
     frame folder (cheap, done before training); decode=True decodes every file (`data check`)."""
+    if sample.video is not None:
+        problem = video_problem(sample.video, decode)
+        if problem is not None or sample.audio == sample.video:
+            if problem is None and decode:
+                try:
+                    read_video_audio(sample.video, 16000)
+                except UserError as e:
+                    return Problem("no audio", str(sample.video), str(e).split("' ", 1)[-1])
+            return problem
     if not sample.audio.is_file():
         return Problem("missing file", str(sample.audio))
     try:
@@ -130,7 +141,7 @@ def sample_problem(sample: Sample, decode: bool) -> Problem | None:
         return Problem(SHORT_CLIP, str(sample.audio),
                        f"{info.frames} samples = {info.frames / info.samplerate:.3f} s, under {MIN_CLIP_S} s")
     if sample.frames is None:
-        return None
+        return None  # audio-only, or frames from a video checked above
     if not sample.frames.is_dir():
         return Problem("missing frame folder", str(sample.frames))
     frames = frame_files(sample.frames)
@@ -277,12 +288,14 @@ class AudioVisualDataset(Dataset):
 
     def load(self, sample: Sample) -> dict[str, torch.Tensor]:
         o = self.options
-        wave = self.cache.wave(sample) if self.cache is not None else read_clip(sample.audio, o.sample_rate)
+        wave = self.cache.wave(sample) if self.cache is not None else read_sample_audio(sample, o.sample_rate)
         wave = fit_to_window(wave, o.window, o.pad).clamp(-1.0, 1.0)
         audio = wave if self.spectrogram_on == "device" else self.spectrogram(wave)
         if self.cache is not None:  # decoded and resized once, by `blendtune data prepare`
             images = self.cache.frames(sample, pick_frames(self.cache.frame_count(sample), o.num_frames, self.train))
             encoded = False
+        elif sample.video is not None:  # torchcodec decodes only the picked frames
+            images, encoded = list(read_video_frames(sample.video, o.num_frames, self.train)), False
         else:
             files = frame_files(sample.frames) if sample.frames.is_dir() else []
             if not files:
@@ -354,6 +367,9 @@ class AudioVisualAdapter(DatasetAdapter):
     def prepare(self, skip_bad: bool = False) -> ClipCache:
         """`blendtune data prepare`: decode every good sample once into the cache training then reads."""
         _, good = self.good_samples(skip_bad)
+        if any(s.video is not None for s in good):
+            raise UserError(f"data prepare: '{self.root}' has video files; they are decoded directly (only the "
+                            "frames picked), the cache is for WAV + JPEG-frame layouts")
         o = self.options
         directory = cache_dir(self.root, self.name, o.sample_rate, o.frame_size)
         build_cache(good, self.root, directory, o.sample_rate, o.frame_size)

@@ -2,7 +2,7 @@
 
     <root>/<csv>                 header `id,label,split` (optional `group` column); split is train or test
     <root>/audio/<id>.wav
-    <root>/frames/<id>/*.jpg
+    <root>/frames/<id>/*.jpg     or   <root>/video/<id>.mp4 (torchcodec; audio from it when no WAV)
 
 Classes are the labels found in the CSV (sorted) unless `classes` lists them. With `multilabel: true`
 (AudioSet-like) the label field holds several labels separated by `label_separator`; training then
@@ -24,6 +24,7 @@ class AVCSVOptions(ClipConfig):
     csv: str = "data.csv"        # header id,label,split (+ optional group)
     audio_dir: str = "audio"
     frames_dir: str = "frames"
+    video_dir: str = "video"     # <id>.mp4 (or .mkv, .webm, .avi, .mov): frames, and audio when no WAV
     classes: List[str] = field(default_factory=list)  # empty: the labels found in the CSV, sorted
     multilabel: bool = False     # labels separated by label_separator; BCE loss, mAP
     label_separator: str = ";"
@@ -33,9 +34,23 @@ class AVCSVOptions(ClipConfig):
     num_frames: int = 3
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+
+
 @DATASETS.register("av_csv", options=AVCSVOptions)
 class AVCSV(AudioVisualAdapter):
     name = "av_csv"
+
+    def sample(self, clip: str, split: str, labels: tuple, group: str | None) -> Sample:
+        """A clip's files: a frame folder if there is one, else a video file; a WAV if there is one, else
+        the video's own audio."""
+        p = self.paths
+        wav, frames = self.root / p["audio_dir"] / f"{clip}.wav", self.root / p["frames_dir"] / clip
+        video = next((v for v in (self.root / p["video_dir"] / f"{clip}{x}" for x in VIDEO_SUFFIXES) if v.is_file()),
+                     None)
+        if frames.is_dir() or video is None:
+            return Sample(clip, split, labels, wav, frames, group=group)
+        return Sample(clip, split, labels, wav if wav.is_file() else video, None, group=group, video=video)
 
     def catalog(self) -> Catalog:
         p = self.paths
@@ -63,7 +78,6 @@ class AVCSV(AudioVisualAdapter):
                 problems.append(Problem("bad row", where, f"split {row['split']!r}: expected train or test"))
                 continue
             clip = row["id"].strip()
-            samples.append(Sample(clip, row["split"], labels, self.root / p["audio_dir"] / f"{clip}.wav",
-                                  self.root / p["frames_dir"] / clip, group=row.get("group") or None))
+            samples.append(self.sample(clip, row["split"], labels, row.get("group") or None))
         classes = declared or sorted({x for s in samples for x in s.labels})
         return Catalog(samples, classes, multilabel=bool(p["multilabel"]), problems=problems)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from blendtune.data.audiovisual import pick_frames
+from blendtune.data.frames import pick_frames
 from blendtune.data.base import Problem
 from blendtune.errors import UserError
 
