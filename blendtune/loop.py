@@ -291,9 +291,9 @@ class Trainer:
         scaler, the same clipping, DDP's bucketed all-reduce. Its batches come from their own seeded
         order, so the main run's data order is not disturbed."""
         optimizer = _fresh_optimizer_like(self.optimizer, model.parameters())
-        strategy = HeadLoss(head)
+        strategy = HeadLoss(head, touch_every_output=distributed.is_distributed())
         strategy.setup(model, self.options.seed, epochs)
-        train_model = self._for_training(model, trains_all_parameters=False)
+        train_model = self._for_training(model, strategy.trains_all_parameters)
         sampler = self._sampler(self.options.seed + 7919)
         loader = self._loader(self.splits.train, self.batch_size, sampler)
         scaler = self._grad_scaler()

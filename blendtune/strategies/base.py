@@ -107,12 +107,20 @@ class HeadLoss(BalancingStrategy):
     detach_unimodal_heads = False
     trains_all_parameters = False
 
-    def __init__(self, head: str):
+    def __init__(self, head: str, touch_every_output: bool = False):
         super().__init__()
         self.head = head
+        # Under DDP every forward output must reach the loss, or the reducer waits for gradients of the
+        # other heads that never come: they join with weight 0 (no effect on the head being estimated,
+        # whose loss depends on its own encoder(s) and head only).
+        self.touch_every_output = touch_every_output
+        self.trains_all_parameters = touch_every_output
 
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
-        return classification_loss(out.logits[self.head], targets)
+        loss = classification_loss(out.logits[self.head], targets)
+        if self.touch_every_output:
+            loss = loss + 0.0 * sum(logits.sum() for head, logits in out.logits.items() if head != self.head)
+        return loss
 
 
 def strategy_options(name: str, **options):
