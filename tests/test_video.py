@@ -188,18 +188,16 @@ def _video_tree(root, wav_for=()):
     return root
 
 
-VIDEO_TINY = ["data.dataset=av_csv", "data.av_csv.sample_rate=8000", "data.av_csv.window_s=0.5",
-              "data.av_csv.n_fft=128", "data.av_csv.hop_length=64", "data.av_csv.image_size=32",
-              "data.av_csv.num_frames=2", "model.encoders.audio.name=spec_cnn", "model.encoders.audio.hidden=8",
-              "model.encoders.visual.name=spec_cnn", "model.encoders.visual.hidden=8", "data.batch_size=3",
-              "train.epochs=1", "train.progress=false", "wandb=false", "data.held_out_ratio=0"]
+def _video_tiny():
+    from conftest import AV_CSV_TINY
+    return [*AV_CSV_TINY, "data.batch_size=3", "data.held_out_ratio=0"]  # later keys win
 
 
 def test_av_csv_reads_frames_and_audio_from_video_files(tmp_path):
     from blendtune.config import load_config
     from blendtune.worker import build_trainer
     root = _video_tree(tmp_path / "ks", wav_for=(0,))
-    trainer = build_trainer(load_config(None, [*VIDEO_TINY, f"data.root={root}"]))
+    trainer = build_trainer(load_config(None, [*_video_tiny(), f"data.root={root}"]))
     samples = {s.id: s for s in trainer.splits.train.samples}
     assert samples["clip1"].video is not None and samples["clip1"].audio == samples["clip1"].video  # audio from mp4
     assert samples["clip0"].audio.suffix == ".wav"                                                   # its WAV wins
