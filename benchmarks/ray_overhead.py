@@ -24,7 +24,6 @@ from common import alternate, median, write  # noqa: E402
 from blendtune.config import TrialConfig, load_config  # noqa: E402
 from blendtune.launch import train_locally, train_with_ray  # noqa: E402
 from blendtune.runs import METRICS_FILE, create_run_dir, create_sweep_dir  # noqa: E402
-from blendtune.search_space import check_sweep  # noqa: E402
 from blendtune.sweeps import Distribution, run_sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +45,6 @@ def plain(cfg, ray_train: bool) -> tuple[float, list[float]]:
 
 def tune_trial(cfg) -> tuple[float, list[float]]:
     space = {"seed": Distribution("grid", (cfg.seed,))}
-    check_sweep(cfg, space, None)
     run_dir = create_sweep_dir(cfg, space, None)
     began = time.perf_counter()
     results = run_sweep(cfg, space, run_dir, TrialConfig(cfg))

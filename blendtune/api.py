@@ -83,7 +83,7 @@ def sweep(space: Mapping[str, Mapping[str, Sequence]] | str | Path, experiment: 
     Returns (sweep directory, Tune's ResultGrid)."""
     from blendtune.config import TrialConfig, load_config
     from blendtune.runs import create_sweep_dir, load_sweep
-    from blendtune.search_space import check_sweep, load_search_space, parse_space
+    from blendtune.search_space import load_search_space, parse_space
     from blendtune.sweeps import run_sweep
 
     if resume is not None:
@@ -95,7 +95,6 @@ def sweep(space: Mapping[str, Mapping[str, Sequence]] | str | Path, experiment: 
         cfg = load_config(experiment, list(overrides))
         parsed = load_search_space(space) if isinstance(space, (str, Path)) else parse_space(dict(space), "space")
         variants = None
-        check_sweep(cfg, parsed)
-        run_dir = create_sweep_dir(cfg, parsed, None)
+        run_dir = create_sweep_dir(cfg, parsed, None)  # after every check, as the CLI
     results = run_sweep(cfg, parsed, run_dir, TrialConfig(cfg), variants, resume=resume is not None)
     return run_dir, results

@@ -119,15 +119,13 @@ def strategy_variants(text: str) -> list[dict]:
 def sweep_command(args) -> Path:
     from blendtune.config import load_config
     from blendtune.runs import create_sweep_dir
-    from blendtune.search_space import check_sweep, load_search_space
+    from blendtune.search_space import load_search_space
 
     def new_sweep():
         if not args.experiment or not args.space:
             raise UserError("blendtune sweep: give an experiment YAML and --space SPACE.yaml")
         cfg, space = load_config(args.experiment, args.overrides), load_search_space(args.space)
-        check_sweep(cfg, space, source=args.space)
-        check_before_starting(cfg)
-        return create_sweep_dir(cfg, space, None), cfg, space, None
+        return create_sweep_dir(cfg, space, None, source=args.space), cfg, space, None
     return _run_sweep_command(args, new_sweep, "sweep")
 
 
@@ -135,7 +133,6 @@ def compare_command(args) -> Path:
     from blendtune.config import load_config, with_overrides
     from blendtune.report import write_report
     from blendtune.runs import create_sweep_dir
-    from blendtune.search_space import check_sweep
     from blendtune.sweeps import Distribution
 
     def new_comparison():
@@ -149,8 +146,6 @@ def compare_command(args) -> Path:
         for variant in variants:  # fail before starting Ray, not inside a trial
             with_overrides(cfg, variant)
         space = {"seed": Distribution("grid", tuple(range(args.seeds)))}
-        check_sweep(cfg, space, variants)
-        check_before_starting(cfg)
         return create_sweep_dir(cfg, space, variants, kind="compare"), cfg, space, variants
     run_dir = _run_sweep_command(args, new_comparison, "compare")
     print(write_report(run_dir).read_text())
@@ -191,7 +186,7 @@ def _summarise(results, cfg) -> None:
 
 
 def train_command(args) -> Path:
-    from blendtune.config import check_keys_are_used, load_config
+    from blendtune.config import load_config
     from blendtune.evaluation import score_name
     from blendtune.runs import create_run_dir, resume_config, write_config
 
@@ -204,9 +199,7 @@ def train_command(args) -> Path:
         if not args.experiment:
             raise UserError("blendtune train: give an experiment YAML (e.g. experiments/synthetic_gblend.yaml)")
         cfg = load_config(args.experiment, overrides)
-        check_keys_are_used(cfg)
-        check_before_starting(cfg)
-        run_dir = create_run_dir(cfg)
+        run_dir = create_run_dir(cfg)  # after every check that can refuse the run
     _started(run_dir, "train")
     print(f"run dir: {run_dir}", flush=True)
 
@@ -225,16 +218,6 @@ _RUNNING: dict = {}  # the directory of the run or sweep in progress, for the Ct
 
 def _started(run_dir: Path, kind: str) -> None:
     _RUNNING.update(run_dir=run_dir, kind=kind)
-
-
-def check_before_starting(cfg) -> None:
-    """What can refuse a run before a directory is made or Ray starts: a dataset read from files needs
-    its root (the same one line for train, sweep and compare), and the GPUs asked for must exist here."""
-    from blendtune.data import DATASETS, data_root
-    from blendtune.launch import check_gpus
-    if not cfg.data._target_ and getattr(DATASETS.get(cfg.data.dataset), "reads_files", True):
-        data_root(cfg.data.root)
-    check_gpus(cfg)
 
 
 def user_message(e: UserError) -> str:

@@ -18,7 +18,7 @@ from blendtune.devices import wants_gpu
 from blendtune.errors import UserError
 from blendtune.loop import Trainer
 
-CHECKPOINT_NAME = "last.pt"
+CHECKPOINT_NAME = worker.CHECKPOINT.name  # the file inside a Ray checkpoint directory
 # Ray Train's controller polls workers every 2 s by default: that adds seconds to every short trial.
 # A worker group that times out waiting for resources leaks its placement group request, so Train
 # waits for resources instead (Tune already limits how many trials run at once).

@@ -11,7 +11,6 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 from blendtune.evaluation import score_name
 
@@ -92,8 +91,6 @@ def close_loggers(loggers) -> None:
         if hasattr(logger, "close"):
             logger.close()
 
-
-Logger = Callable[[dict], None]
 
 
 def flat_dict(nested: dict) -> dict:

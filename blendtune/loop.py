@@ -174,9 +174,8 @@ class Trainer:
         return wanted
 
     def _fits_on_device(self) -> bool:
-        size = sum(x.numel() * x.element_size() for ds in {id(d): d for d in (self.splits.train, self.splits.test,
-                                                                               self.splits.held_out) if d}.values()
-                   for x in [*ds.inputs.values(), ds.targets])
+        datasets = [ds for ds in (self.splits.train, self.splits.held_out, self.splits.test) if ds is not None]
+        size = sum(x.numel() * x.element_size() for ds in datasets for x in [*ds.inputs.values(), ds.targets])
         free, _ = torch.cuda.mem_get_info(self.device)
         return size < 0.25 * free
 

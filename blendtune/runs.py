@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 from blendtune.checkpoint import load_checkpoint
-from blendtune.config import ExperimentConfig, flat_keys, load_config, to_yaml
+from blendtune.config import ExperimentConfig, check_keys_are_used, flat_keys, load_config, to_yaml
+from blendtune.data import DATASETS, data_root
 from blendtune.errors import UserError
-from blendtune.search_space import parse_space
+from blendtune.launch import check_gpus
+from blendtune.search_space import check_sweep, parse_space
 from blendtune.sweeps import SWEEP_FILE, Distribution
 from blendtune.worker import CHECKPOINT, METRICS_FILE
 
@@ -45,7 +47,18 @@ def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
         raise UserError(f"cannot write '{run_dir / CONFIG_FILE}': {e.strerror or e}") from None
 
 
+def check_before_starting(cfg: ExperimentConfig) -> None:
+    """What can refuse a run before a directory is made or Ray starts: a dataset read from files needs
+    its root (the same one line for train, sweep and compare), and the GPUs asked for must exist here."""
+    if not cfg.data._target_ and getattr(DATASETS.get(cfg.data.dataset), "reads_files", True):
+        data_root(cfg.data.root)
+    check_gpus(cfg)
+
+
 def create_run_dir(cfg: ExperimentConfig) -> Path:
+    """A new run directory holding the config, once every check that can refuse the run has passed."""
+    check_keys_are_used(cfg)
+    check_before_starting(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{secrets.token_hex(2)}"
     _make_dir(run_dir)
@@ -80,7 +93,10 @@ def load_run_config(run_dir: Path, overrides=()) -> ExperimentConfig:
 
 
 def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], variants: list[dict] | None,
-                     kind: str = "sweep") -> Path:
+                     kind: str = "sweep", source: str = "search space") -> Path:
+    """A new sweep directory, once the sweep has passed every check (`source` names the space's file)."""
+    check_sweep(cfg, space, variants, source)
+    check_before_starting(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / f"{cfg.name}-{kind}-{stamp}"
     _make_dir(run_dir)

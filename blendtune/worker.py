@@ -11,6 +11,7 @@ point down.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
@@ -99,10 +100,8 @@ def build_trainer(cfg, run_dir: Path | None = None) -> Trainer:
     device = resolve_device(cfg.train.device)
     model.to(device)
     section = STRATEGIES.section(cfg.strategy)
-    try:
+    with _options_named_by(section):
         strategy = build_strategy(cfg.strategy, getattr(cfg, section) if section else None)
-    except OptionError as e:
-        raise UserError(f"config key '{section}.{e.key}': {e.message}") from None
     if strategy.needs_held_out and splits.held_out is None:
         raise UserError(f"config key 'data.held_out_ratio': {cfg.strategy} needs a held-out split (ratio > 0)")
     o = cfg.optim
@@ -115,9 +114,16 @@ def build_trainer(cfg, run_dir: Path | None = None) -> Trainer:
                            checkpoint_every=t.checkpoint_every, progress=t.progress, seed=cfg.seed,
                            skip_bad=d.skip_bad, channels_last=t.channels_last, cudnn_benchmark=t.cudnn_benchmark,
                            compile=t.compile, on_device=d.on_device, predict=t.predict)
-    try:
+    with _options_named_by(section):  # a strategy's setup checks its options against the data too
         return Trainer(model, strategy, splits, optimizer, scheduler, options, run_dir=run_dir)
-    except OptionError as e:  # raised by a strategy's setup, e.g. a modality the data does not have
+
+
+@contextlib.contextmanager
+def _options_named_by(section: str | None):
+    """A strategy's OptionError names its option ('modality'); here it names the config key."""
+    try:
+        yield
+    except OptionError as e:
         raise UserError(f"config key '{section}.{e.key}': {e.message}") from None
 
 

@@ -15,7 +15,7 @@ from blendtune.report import load_trials
 from blendtune.loggers import read_metrics
 from blendtune.config import TrialConfig
 from blendtune.runs import create_sweep_dir
-from blendtune.search_space import check_sweep, parse_space
+from blendtune.search_space import parse_space
 from blendtune.sweeps import run_sweep
 from blendtune.wandb_files import read_history
 from conftest import REPO, TINY, assert_wandb_matches_metrics
@@ -26,7 +26,6 @@ SMALL = TINY + ["data.synthetic.num_train=150", "data.synthetic.num_test=60"]
 def sweep(tmp_path, overrides, space, variants=None):
     cfg = load_config(None, SMALL + [f"output_dir={tmp_path}"] + overrides)
     space = parse_space(space, "test")
-    check_sweep(cfg, space, variants)
     run_dir = create_sweep_dir(cfg, space, variants)
     return run_dir, run_sweep(cfg, space, run_dir, TrialConfig(cfg), variants)
 

@@ -288,11 +288,12 @@ class AudioVisualDataset(Dataset):
 
     def load(self, sample: Sample) -> dict[str, torch.Tensor]:
         o = self.options
-        wave = self.cache.wave(sample) if self.cache is not None else read_sample_audio(sample, o.sample_rate)
+        cached = self.cache.position(sample) if self.cache is not None else None
+        wave = self.cache.wave(cached) if cached is not None else read_sample_audio(sample, o.sample_rate)
         wave = fit_to_window(wave, o.window, o.pad).clamp(-1.0, 1.0)
         audio = wave if self.spectrogram_on == "device" else self.spectrogram(wave)
-        if self.cache is not None:  # decoded and resized once, by `blendtune data prepare`
-            images = self.cache.frames(sample, pick_frames(self.cache.frame_count(sample), o.num_frames, self.train))
+        if cached is not None:  # decoded and resized once, by `blendtune data prepare`
+            images = self.cache.frames(cached, pick_frames(self.cache.frame_count(cached), o.num_frames, self.train))
             encoded = False
         elif sample.video is not None:  # torchcodec decodes only the picked frames
             images, encoded = list(read_video_frames(sample.video, o.num_frames, self.train)), False

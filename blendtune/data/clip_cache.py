@@ -157,9 +157,6 @@ class ClipCache:
     def is_fresh(self, samples) -> bool:
         return self.manifest["fingerprint"] == fingerprint(samples, self.root)
 
-    def covers(self, samples) -> bool:
-        return all(str(s.audio.relative_to(self.root)) in self.index for s in samples)
-
     def __getstate__(self):
         return {**self.__dict__, "_arrays": None}
 
@@ -170,20 +167,20 @@ class ClipCache:
                             np.load(d / "frames.npy", mmap_mode="r"), np.load(d / "frame_offsets.npy"))
         return self._arrays
 
-    def wave(self, sample) -> torch.Tensor:
+    def position(self, sample) -> int:
+        return self.index[str(sample.audio.relative_to(self.root))]
+
+    def wave(self, i: int) -> torch.Tensor:
         waves, offsets, _, _ = self._open_arrays()
-        i = self.index[str(sample.audio.relative_to(self.root))]
         return torch.from_numpy(np.array(waves[offsets[i]:offsets[i + 1]]))
 
-    def frame_count(self, sample) -> int:
+    def frame_count(self, i: int) -> int:
         _, _, _, offsets = self._open_arrays()
-        i = self.index[str(sample.audio.relative_to(self.root))]
         return int(offsets[i + 1] - offsets[i])
 
-    def frames(self, sample, picks: list[int]) -> list[torch.Tensor]:
+    def frames(self, i: int, picks: list[int]) -> list[torch.Tensor]:
         _, _, frames, offsets = self._open_arrays()
-        start = offsets[self.index[str(sample.audio.relative_to(self.root))]]
-        return [torch.from_numpy(np.array(frames[start + j])) for j in picks]
+        return [torch.from_numpy(np.array(frames[offsets[i] + j])) for j in picks]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.iterdir())

@@ -159,11 +159,10 @@ def default_encoder_name(shape: tuple[int, ...]) -> str:
     return "mlp" if len(shape) <= 2 else "spec_cnn"
 
 
-def build_late_fusion(encoders: Mapping[str, nn.Module] | nn.Module, fusion: str, num_classes: int,
-                      feature_dims: Mapping[str, int] | None = None) -> LateFusionClassifier:
-    dims = feature_dims or (encoders.feature_dims if isinstance(encoders, nn.Module) and hasattr(encoders, "feature_dims")
-                            else {m: e.out_dim for m, e in encoders.items()})
-    return LateFusionClassifier(encoders, build_fusion(fusion, dict(dims), num_classes), num_classes, dims)
+def build_late_fusion(encoders: Mapping[str, nn.Module], fusion: str, num_classes: int) -> LateFusionClassifier:
+    """blendtune's encoders (one per modality, each with `out_dim`), their heads and the named fusion."""
+    backbone = ModalityEncoders(dict(encoders))
+    return LateFusionClassifier(backbone, build_fusion(fusion, backbone.feature_dims, num_classes), num_classes)
 
 
 
