@@ -26,7 +26,7 @@ from blendtune.errors import UserError
 from blendtune.loop import Trainer, TrainOptions
 from blendtune.models import LateFusionClassifier, classifier_for
 from blendtune.optim import build_optimizer, build_scheduler
-from blendtune.strategies import BalancingStrategy, build_strategy
+from blendtune.strategies import BalancingStrategy, build_strategy, fusion_for
 from blendtune.worker import sample_batch
 
 
@@ -63,7 +63,7 @@ def fit(model: torch.nn.Module, train, test, held_out=None, strategy: str | Bala
     if strategy.needs_held_out and splits.held_out is None:
         raise UserError(f"fit(): {type(strategy).__name__} needs held-out data: pass held_out= or held_out_ratio > 0")
     classifier = model if isinstance(model, LateFusionClassifier) else \
-        classifier_for(model, sample_batch(splits.train), fusion, num_classes or splits.num_classes)
+        classifier_for(model, sample_batch(splits.train), fusion_for(strategy, fusion), num_classes or splits.num_classes)
     options = TrainOptions(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
                            num_workers=num_workers, device=device, amp=amp, grad_clip=grad_clip, progress=progress,
                            seed=seed)

@@ -24,6 +24,22 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_(tensors) -> None:
+    """Averages each tensor over all ranks in place, in one flat all-reduce per dtype: the gradients of
+    strategies that leave DDP's bucketed reducer out (`syncs_gradients`). Every rank passes tensors of
+    the same shapes in the same order."""
+    if not is_distributed():
+        return
+    tensors = list(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size()
+        for t, part in zip(same, flat.split([t.numel() for t in same])):
+            t.copy_(part.view_as(t))
+
+
 def gather_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Concatenates this rank's tensors with every other rank's (evaluation scores for exact mAP)."""
     local = torch.cat(tensors, dim=dim) if tensors else None

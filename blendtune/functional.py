@@ -168,3 +168,96 @@ def modulate_gradients_(grads: Sequence[Tensor], coeff: Tensor | float, noise_sc
     noise = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
     torch._foreach_mul_(noise, [s * noise_scale for s in stds])
     torch._foreach_add_(grads, noise)
+
+
+# ---- MMPareto (Wei & Hu, ICML 2024) --------------------------------------------------------------
+def pareto_weight(grad_fused: Tensor, grad_unimodal: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos, w) for one encoder's flattened gradients of the fused loss g_m and its uni-modal loss g_u:
+    w is the weight on g_m (1 - w on g_u). No conflict (cos > 0): w = 1/2. Conflict (cos <= 0): the
+    min-norm point of the segment [g_m, g_u], w = (|g_u|^2 - g_m.g_u) / |g_m - g_u|^2 (MGDA's 2-task
+    solution; the authors' MinNormSolver._min_norm_2d). Tensors in and out: no host sync."""
+    a, b = grad_fused.float(), grad_unimodal.float()
+    aa, bb, ab = a.dot(a), b.dot(b), a.dot(b)
+    tiny = torch.finfo(torch.float32).tiny
+    cos = ab / (aa * bb).sqrt().clamp_min(tiny)
+    min_norm = (bb - ab) / (aa + bb - 2 * ab).clamp_min(tiny)
+    return cos, torch.where(cos > 0, torch.full_like(cos, 0.5), min_norm.clamp(0.0, 1.0))
+
+
+def mmpareto_gradients(grads_fused: Sequence[Tensor], grads_unimodal: Sequence[Tensor],
+                       multiplier: float = 1.5) -> tuple[list[Tensor], Tensor, Tensor]:
+    """One encoder's MMPareto gradient, per parameter tensor p, from its fused-loss and uni-modal-loss
+    gradients (the authors' MMPareto.py lines 149-207):
+
+        (cos, w) = pareto_weight(concat g_m, concat g_u)          # one weight per encoder
+        h_p      = 2 (w g_m,p + (1 - w) g_u,p)
+        grad_p   = multiplier * max(1, |g_m,p + g_u,p| / |h_p|) * h_p   # never shorter than the plain sum
+
+    Returns (gradients, cos, w). Homogeneous of degree 1, so it may run on loss-scaled gradients."""
+    gm, gu = list(grads_fused), list(grads_unimodal)
+    cos, w = pareto_weight(torch.cat([g.reshape(-1) for g in gm]), torch.cat([g.reshape(-1) for g in gu]))
+    h = torch._foreach_add(torch._foreach_mul(gm, 2 * w), torch._foreach_mul(gu, 2 * (1 - w)))
+    plain_norms = torch._foreach_norm(torch._foreach_add(gm, gu))
+    tiny = torch.finfo(torch.float32).tiny
+    # |h_p| = 0 with a non-zero plain sum: the authors' code divides by 0 (NaN); h_p = 0 stays 0 here.
+    scales = [multiplier * (n.float() / hn.float().clamp_min(tiny)).clamp_min(1.0)
+              for n, hn in zip(plain_norms, torch._foreach_norm(h))]
+    torch._foreach_mul_(h, [s.to(t.dtype) for s, t in zip(scales, h)])
+    return h, cos, w
+
+
+# ---- PMR (Fan et al., CVPR 2023) -----------------------------------------------------------------
+def class_means(feature_sums: Tensor, counts: Tensor, previous: Tensor | None = None) -> Tensor:
+    """Prototypes (K, D) from per-class feature sums (K, D) and counts (K,). A class with no sample keeps
+    its previous prototype (the authors' code divides by 0), or the mean over all samples at first."""
+    means = feature_sums / counts.clamp_min(1).unsqueeze(1)
+    empty = counts == 0
+    if empty.any():
+        fallback = previous if previous is not None else (feature_sums.sum(0) / counts.sum().clamp_min(1)).expand_as(means)
+        means = torch.where(empty.unsqueeze(1), fallback, means)
+    return means
+
+
+def prototype_logits(features: Tensor, prototypes: Tensor) -> Tensor:
+    """-|z - c_k| (Euclidean, not squared: the authors' EU_dist) for every sample and class, in fp32."""
+    return -torch.cdist(features.float(), prototypes.float())
+
+
+def mean_entropy(logits: Tensor) -> Tensor:
+    """Mean over the batch of the entropy of softmax(logits), in fp32."""
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    return -(log_p.exp() * log_p).sum(1).mean()
+
+
+def pmr_coefficients(scores: Tensor, rule: str = "paper") -> Tensor:
+    """Per-modality prototype-loss coefficients (without alpha) from the summed true-class prototype
+    probabilities s_u: rho_u = s_u / mean_{w != u} s_w (two modalities: the paper's rho = s_0 / s_1).
+    paper (Eq. 11): clip(1 / rho_u - 1, 0, 1) for the modality behind (rho_u < 1), 0 otherwise.
+    code (the authors' main_Prototype_grad.py): 1 for the modality behind, 0 otherwise (0 at a tie)."""
+    rho, _ = ogm_coefficients_from_scores(scores, alpha=0.0)
+    behind = rho < 1
+    if rule == "code":
+        return behind.to(scores.dtype)
+    return torch.where(behind, (1 / rho.clamp_min(torch.finfo(rho.dtype).tiny) - 1).clamp(0.0, 1.0),
+                       torch.zeros_like(rho))
+
+
+# ---- MLA (Zhang, Yoon, Bansal, Yao, CVPR 2024) ---------------------------------------------------
+def entropy_fusion_weights(logits: Sequence[Tensor]) -> Tensor:
+    """(B, k) per-sample weights w_m = exp(H_max - H_m) / sum_j exp(H_max - H_j) = softmax_m(-H_m), from
+    each modality's prediction entropy H_m (MLA's test-time uncertainty fusion), in fp32."""
+    entropies = []
+    for lg in logits:
+        log_p = torch.log_softmax(lg.float(), dim=1)
+        entropies.append(-(log_p.exp() * log_p).sum(1))
+    return torch.softmax(-torch.stack(entropies, dim=1), dim=1)
+
+
+def owm_projector_update(projector: Tensor, mean_feature: Tensor, alpha: float) -> Tensor:
+    """One orthogonal-weight-modification step (MLA's gradient modification, after OWM):
+    k = P r^T, P <- P - k k^T / (alpha + r k), then P / |P|_F (the authors' utils.py lines 34-40, with the
+    scalar denominator r k that OWM uses; the released code's torch.mm(k, r) is an outer product)."""
+    r = mean_feature.float().reshape(1, -1)
+    k = projector @ r.T
+    updated = projector - (k @ k.T) / (alpha + (r @ k).squeeze())
+    return updated / torch.linalg.matrix_norm(updated).clamp_min(torch.finfo(torch.float32).tiny)

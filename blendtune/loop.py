@@ -16,7 +16,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -96,6 +96,14 @@ class LoopContext:
 
     def train_head(self, model: LateFusionClassifier, head: str, epochs: int) -> None:
         self._trainer.train_head(model, head, epochs)
+
+    steps_per_epoch = property(lambda self: len(self._trainer.train_loader))
+    train_size = property(lambda self: len(self._trainer.splits.train))
+
+    def features(self, model: LateFusionClassifier, indices) -> Iterator[tuple[dict, torch.Tensor]]:
+        """(fp32 features per modality, targets) of this rank's shard of the training samples `indices`,
+        in eval mode without gradients (PMR's prototypes); sum and all-reduce what you need of them."""
+        return self._trainer.training_features(model, indices)
 
 
 class Trainer:
@@ -266,23 +274,39 @@ class Trainer:
                                     "would desynchronise DDP; fix the files `blendtune data check` lists")
                 continue
             masks = strategy.modality_masks(targets)
-            with self._autocast():
-                out = model(inputs, modality_masks=masks, detach_unimodal_heads=strategy.detach_unimodal_heads)
-                loss = strategy.loss(out, targets, epoch)
-                if strategy.detach_unimodal_heads:
-                    loss = loss + probe_loss(out, targets)  # probes: no gradient reaches the encoders
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # strategies modulate true gradients, not scaled ones
-            strategy.after_backward(out, targets, epoch, self.step)
-            if self.options.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.options.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.detach().float()
+            # A strategy that syncs gradients itself (several backward passes or optimizer steps per
+            # forward: MMPareto, MLA) runs outside DDP's one-backward-per-forward bucketed all-reduce.
+            with self._manual_sync(model, strategy):
+                with self._autocast():
+                    out = model(inputs, modality_masks=masks, detach_unimodal_heads=strategy.detach_unimodal_heads)
+                turns = strategy.step_losses(out, targets, epoch)  # one optimizer step per loss (MLA: per modality)
+                first = True
+                while True:
+                    with self._autocast():
+                        loss = next(turns, None)
+                        if loss is None:
+                            break
+                        if first and strategy.detach_unimodal_heads:
+                            loss = loss + probe_loss(out, targets)  # probes: no gradient reaches the encoders
+                    first = False
+                    optimizer.zero_grad(set_to_none=True)
+                    strategy.backward(loss, out, targets, scaler)
+                    scaler.unscale_(optimizer)  # strategies modulate true gradients, not scaled ones
+                    strategy.after_backward(out, targets, epoch, self.step)
+                    if self.options.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), self.options.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    total += loss.detach().float()
             if main:
                 self.step += 1
         return total
+
+    @staticmethod
+    def _manual_sync(model: torch.nn.Module, strategy: BalancingStrategy):
+        if strategy.syncs_gradients and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     def train_head(self, model: LateFusionClassifier, head: str, epochs: int) -> None:
         """Train `model` (a copy of the run's model) on head `head`'s loss alone for `epochs` epochs with
@@ -299,6 +323,22 @@ class Trainer:
         for e in range(epochs):
             sampler.set_epoch(self.epoch * 1000 + e)
             self._train_steps(train_model, loader, optimizer, scaler, strategy, self.epoch + 1 + e, main=False)
+
+    @torch.no_grad()
+    def training_features(self, model: LateFusionClassifier, indices) -> Iterator[tuple[dict, torch.Tensor]]:
+        subset = self.splits.train.subset(indices).for_evaluation()
+        loader = self._loader(subset, self.options.eval_batch_size, ShardSampler(len(subset)))
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in loader:
+                inputs, targets = self._to_device(batch)
+                if len(targets):
+                    with self._autocast():
+                        out = model(inputs)
+                    yield {m: f.float() for m, f in out.features.items()}, targets
+        finally:
+            model.train(was_training)
 
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self, model: LateFusionClassifier) -> Evaluation:

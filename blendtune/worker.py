@@ -28,7 +28,7 @@ from blendtune.loggers import EpochTable, MetricsFile, WandbLogger, close_logger
 from blendtune.loop import Trainer, TrainOptions
 from blendtune.models import EncoderSpec, build_late_fusion, classifier_for, encoders_for
 from blendtune.optim import build_optimizer, build_scheduler
-from blendtune.strategies import STRATEGIES, build_strategy
+from blendtune.strategies import STRATEGIES, build_strategy, fusion_for
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -159,13 +159,14 @@ def build_model(cfg, splits):
     """blendtune's encoders for the data's input shapes, or the user's backbone (`model._target_`),
     with the uni-modal heads and the fusion."""
     m, train = cfg.model, splits.train
+    fusion = fusion_for(cfg.strategy, m.fusion)  # MLA is defined with a shared head
     if m._target_:
         backbone = locate(m._target_, "model._target_")(**m.args)
         if not isinstance(backbone, torch.nn.Module):
             raise UserError(f"config key 'model._target_': {m._target_} built a {type(backbone).__name__}, "
                             "expected a torch.nn.Module")
         try:
-            return classifier_for(backbone, sample_batch(train), m.fusion, splits.num_classes)
+            return classifier_for(backbone, sample_batch(train), fusion, splits.num_classes)
         except ValueError as e:
             raise UserError(f"config key 'model._target_': {m._target_}: {e}") from None
     unknown = sorted(set(m.encoders) - set(train.modalities))
@@ -175,7 +176,7 @@ def build_model(cfg, splits):
     specs = {name: EncoderSpec(e.name, e.dim, e.hidden, e.dropout) for name, e in m.encoders.items()}
     encoders = encoders_for(train.input_shapes, specs, getattr(train, "default_encoders", {}) or {})
     try:
-        return build_late_fusion(encoders, m.fusion, splits.num_classes)
+        return build_late_fusion(encoders, fusion, splits.num_classes)
     except ValueError as e:
         raise UserError(f"config key 'model.fusion': {e}") from None
 

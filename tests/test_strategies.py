@@ -18,7 +18,12 @@ SETTINGS = {
     "gblend": ["gblend.super_epoch=1", "gblend.estimator=heads"],
     "ogm": ["ogm.alpha=0.5"],
     "ogm_ge": ["ogm.alpha=0.5", "ogm.noise_scale=0.5"],
+    "mmpareto": [],
+    "pmr": ["pmr.mu=0.01", "pmr.entropy_epochs=2", "pmr.momentum=0.5"],
+    "mla": [],
 }
+# Fusions a strategy can run with (default: every one)
+FUSIONS_OF = {"mla": ["shared"]}
 VARIANTS = [(s, []) for s in SETTINGS] + [("gblend", ["gblend.estimator=paper", "gblend.super_epoch=1"]),
                                            ("gblend", ["gblend.mode=offline", "gblend.estimator=paper"]),
                                            # mixed precision resumes exactly too (fp16: the grad scaler's state)
@@ -27,7 +32,9 @@ VARIANTS = [(s, []) for s in SETTINGS] + [("gblend", ["gblend.estimator=paper", 
                                                        "gblend.super_epoch=1"]),
                                            # G-Blend's stabilisers carry state (stale count, frozen)
                                            ("gblend", ["gblend.ema=0.5", "gblend.floor=0.05", "gblend.patience=1",
-                                                       "gblend.super_epoch=1"])]
+                                                       "gblend.super_epoch=1"]),
+                                           ("mmpareto", ["train.amp=fp16"]), ("pmr", ["pmr.rule=paper"]),
+                                           ("mla", ["train.amp=fp16"]), ("mla", ["mla.projection=none"])]
 
 
 def test_settings_table_covers_every_registered_strategy():
@@ -61,7 +68,19 @@ def test_every_strategy_trains_and_resumes_exactly(strategy, extra, tmp_path):
     for name, p in straight.model.state_dict().items():
         assert torch.equal(p, resumed.model.state_dict()[name]), name
     assert resumed_last["acc/test/fused"] == last["acc/test/fused"]
-    assert resumed.strategy.state_dict() == straight.strategy.state_dict()
+    assert_same_state(resumed.strategy.state_dict(), straight.strategy.state_dict())
+
+
+def assert_same_state(a, b, where="state"):
+    """Equal, tensors included (bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    else:
+        assert a == b, where
 
 
 def test_gblend_moves_weight_away_from_the_memorizable_modality():
@@ -288,8 +307,8 @@ def test_fp16_gradients_are_unscaled_before_ogm_modulates_them():
 
 
 @pytest.mark.parametrize("amp", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])
-@pytest.mark.parametrize("strategy", sorted(SETTINGS))
+@pytest.mark.parametrize("strategy,fusion", [(s, f) for s in sorted(SETTINGS)
+                                             for f in FUSIONS_OF.get(s, ["concat", "sum", "film", "gated", "shared"])])
 def test_every_strategy_and_fusion_trains_under_each_precision(strategy, fusion, amp):
     # CPU autocast (bf16 and fp16) catches the dtype bugs a GPU would hit: OGM once scored bf16
     # features against fp32 weights and crashed at its first step.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from blendtune.functional import entropy_fusion_weights
 from blendtune.registry import Registry
 
 FUSIONS: Registry = Registry("fusion")
@@ -73,7 +74,34 @@ class GatedFusion(nn.Module):
         return self.fc(gate * self.fc_y(feats[self.y]))
 
 
+class SharedHeadFusion(nn.Module):
+    """One classifier shared by every modality (MLA's head): fused logits = sum_m w_m head(f_m), with
+    w_m = 1/k, or per sample from the modalities' prediction entropies (`weighting="entropy"`: MLA's
+    test-time uncertainty fusion, w_m = softmax_m(-H_m)). Every modality's features must have one size."""
+
+    def __init__(self, dims: dict[str, int], num_classes: int):
+        super().__init__()
+        if len(set(dims.values())) != 1:
+            raise ValueError(f"shared fusion applies one classifier to every modality, so their feature sizes "
+                             f"must be equal (model.encoders.<modality>.dim), got {dims}")
+        self.dims = dims
+        self.fc = nn.Linear(next(iter(dims.values())), num_classes)
+        self.weighting = "mean"  # mean | entropy (set by the MLA strategy)
+
+    def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.fc(feats[m]) for m in self.dims}
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = list(self.unimodal_logits(feats).values())
+        if self.weighting == "entropy":
+            with torch.no_grad():  # weights decide, they are not trained
+                w = entropy_fusion_weights(logits)
+            return sum(lg * w[:, i:i + 1].to(lg.dtype) for i, lg in enumerate(logits))
+        return sum(logits) / len(logits)
+
+
 FUSIONS.register("concat")(ConcatFusion)
+FUSIONS.register("shared")(SharedHeadFusion)
 FUSIONS.register("sum")(SumFusion)
 FUSIONS.register("film")(FiLMFusion)
 FUSIONS.register("gated")(GatedFusion)

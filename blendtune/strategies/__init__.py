@@ -1,8 +1,8 @@
 """Balancing strategies: one file each, registered by name (the `strategy:` config key) together with
 its options dataclass (the config section of the same name)."""
 from blendtune.strategies.base import (STRATEGIES, BalancingStrategy, HeadLoss, TrainingContext, build_strategy,
-                                       head_losses, probe_loss, strategy_options)
-from blendtune.strategies import naive, unimodal, modality_dropout, gblend, ogm, ogm_ge  # noqa: F401
+                                       fusion_for, head_losses, probe_loss, strategy_options)
+from blendtune.strategies import naive, unimodal, modality_dropout, gblend, ogm, ogm_ge, mmpareto, pmr, mla  # noqa: F401
 
-__all__ = ["BalancingStrategy", "HeadLoss", "STRATEGIES", "TrainingContext", "build_strategy", "head_losses",
-           "probe_loss", "strategy_options"]
+__all__ = ["BalancingStrategy", "HeadLoss", "STRATEGIES", "TrainingContext", "build_strategy", "fusion_for",
+           "head_losses", "probe_loss", "strategy_options"]

@@ -5,10 +5,11 @@
         for batch:                                   # loop.Trainer.train_epoch
             masks = strategy.modality_masks(targets)
             out   = model(inputs, masks, detach_unimodal_heads=strategy.detach_unimodal_heads)
-            loss  = strategy.loss(out, targets, epoch) (+ probe losses of detached uni-modal heads)
-            loss.backward(); unscale
-            strategy.after_backward(out, targets, epoch, step)     # gradient modulation
-            clip; optimizer.step()
+            for loss in strategy.step_losses(out, targets, epoch):  # one: strategy.loss(...) (MLA: one per modality)
+                (+ probe losses of detached uni-modal heads, first step only)
+                strategy.backward(loss, out, targets, scaler); unscale   # MMPareto: per-loss gradients
+                strategy.after_backward(out, targets, epoch, step)     # gradient modulation
+                clip; optimizer.step()
         evaluation = evaluate every head on train / held-out / test
         strategy.on_epoch_end(epoch, evaluation, context)          # (super-)epoch decisions
         log strategy.pop_epoch_metrics(); checkpoint strategy.state_dict()
@@ -22,7 +23,7 @@ and its class, registered together: `@STRATEGIES.register("name", options=NameOp
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -48,8 +49,15 @@ class TrainingContext(Protocol):
 
     def evaluate(self, model: LateFusionClassifier) -> Losses: ...
 
+    steps_per_epoch: int                    # batches per training epoch on this rank
+    train_size: int                         # training samples (all ranks)
+
     def train_head(self, model: LateFusionClassifier, head: str, epochs: int) -> None:
         """Train `model` (a copy) on head `head`'s loss alone for `epochs` epochs, with the loop's step."""
+
+    def features(self, model: LateFusionClassifier, indices) -> Iterator[tuple[dict, torch.Tensor]]:
+        """(fp32 features per modality, targets) of this rank's shard of training samples `indices`,
+        eval mode, no gradients; the caller all-reduces what it sums."""
 
 
 def head_losses(out: ModelOutput, targets: torch.Tensor, heads: list[str]) -> dict[str, torch.Tensor]:
@@ -67,6 +75,8 @@ class BalancingStrategy:
     needs_held_out: bool = False        # True: the run must carve a held-out split (G-Blend's V)
     ignored_options: tuple[str, ...] = ()  # keys of its (shared) options section this strategy never reads
     required_options: tuple[str, ...] = ()  # options that must be set (non-empty) to run it
+    syncs_gradients: bool = False       # True: under DDP its `backward` all-reduces the gradients itself
+    fusion: str | None = None           # the fusion the method is defined with (MLA: shared); None: any
 
     def __init__(self, options: Any = None):
         self.options = options
@@ -81,6 +91,17 @@ class BalancingStrategy:
 
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         return classification_loss(out.logits[FUSED], targets)
+
+    def step_losses(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> Iterator[torch.Tensor]:
+        """The loss of each optimizer step taken on this batch's forward: one by default. A generator, so a
+        later loss is computed after the earlier steps (MLA: one step per modality through a shared head)."""
+        yield self.loss(out, targets, epoch)
+
+    def backward(self, loss: torch.Tensor, out: ModelOutput, targets: torch.Tensor,
+                 scaler: torch.amp.GradScaler) -> None:
+        """Fill the parameters' .grad (scaled by `scaler`; the loop unscales next). A strategy that needs
+        per-loss gradients (MMPareto) overrides it; with `syncs_gradients` it also all-reduces them."""
+        scaler.scale(loss).backward()
 
     def after_backward(self, out: ModelOutput, targets: torch.Tensor, epoch: int, step: int) -> None:
         pass
@@ -121,6 +142,21 @@ class HeadLoss(BalancingStrategy):
         if self.touch_every_output:
             loss = loss + 0.0 * sum(logits.sum() for head, logits in out.logits.items() if head != self.head)
         return loss
+
+
+def fusion_for(strategy: str | type[BalancingStrategy] | BalancingStrategy, requested: str,
+               default: str = "concat") -> str:
+    """The fusion to build: the strategy's own where it has one (MLA trains one shared head), unless the
+    user asked for another one (then one clear error)."""
+    cls = STRATEGIES.get(strategy) if isinstance(strategy, str) else strategy
+    wanted = getattr(cls, "fusion", None)
+    if wanted is None or requested == wanted:
+        return requested
+    if requested != default:
+        name = strategy if isinstance(strategy, str) else type(strategy).__name__
+        raise UserError(f"config key 'model.fusion': strategy {name} is defined with fusion {wanted!r} "
+                        f"(one classifier shared by every modality), got {requested!r}")
+    return wanted
 
 
 def strategy_options(name: str, **options):
