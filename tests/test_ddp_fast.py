@@ -1,6 +1,7 @@
 """The fast 2-rank DDP check that runs in every `make test` (the longer ones are in test_distributed.py,
 marked slow): different batches on each rank, yet OGM-GE's coefficient is all-reduced and its noise drawn
 from one (seed, step) stream, so both replicas end bit-identical after real steps."""
+import pytest
 import torch
 
 from conftest import TINY
@@ -16,3 +17,23 @@ def test_two_ranks_stay_bit_identical_under_ogm_ge(tmp_path):
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
     assert r0["history"][-1]["ogm/coeff/clean"] == r1["history"][-1]["ogm/coeff/clean"] < 1.0
+
+
+@pytest.mark.parametrize("strategy", ["mmpareto", "pmr", "mla"])
+def test_two_ranks_stay_bit_identical_under_the_newer_strategies(strategy, tmp_path):
+    # MMPareto and MLA sync gradients themselves (several backward passes / steps per forward: DDP's
+    # reducer is bypassed); PMR all-reduces its prototypes' sums and its batch scores.
+    extra = {"pmr": ["pmr.rule=paper", "pmr.mu=0.01", "pmr.entropy_epochs=1"]}.get(strategy, [])
+    r0, r1 = run_ddp(tmp_path, TINY + [f"strategy={strategy}", "train.epochs=1", "data.synthetic.num_train=96",
+                                       "data.synthetic.num_test=32", "data.batch_size=16", *extra], deadline_s=120)
+    assert r0["history"][-1]["step"] == r1["history"][-1]["step"] >= 3
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    for key, value in r0["strategy"].items():
+        other = r1["strategy"][key]
+        if isinstance(value, dict):
+            assert all(torch.equal(v, other[k]) for k, v in value.items()), key
+        else:
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+    metrics = {k: v for k, v in r0["history"][-1].items() if k.startswith(strategy + "/")}
+    assert metrics and metrics == {k: v for k, v in r1["history"][-1].items() if k.startswith(strategy + "/")}

@@ -98,7 +98,8 @@ class MLA(BalancingStrategy):
     def pop_epoch_metrics(self) -> dict[str, float]:
         if not self._turns:
             return {}
-        per_turn = (self._losses_sum / (self._turns / len(self.model.modalities))).tolist()
+        batches = self._turns / len(self.model.modalities)
+        per_turn = (distributed.all_reduce_sum_(self._losses_sum) / (batches * distributed.world_size())).tolist()
         self._losses_sum, self._turns = None, 0
         return {f"mla/loss/{m}": v for m, v in zip(self.model.modalities, per_turn)}
 

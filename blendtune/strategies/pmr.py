@@ -135,10 +135,11 @@ class PMR(BalancingStrategy):
         return metrics
 
     def state_dict(self) -> dict:
-        # lists, not tensors: resumed runs compare equal, and the checkpoint loads with weights_only
-        return {"prototypes": None if self.prototypes is None else {m: p.tolist() for m, p in self.prototypes.items()}}
+        if self.prototypes is None:
+            return {"prototypes": None}
+        return {"prototypes": {m: p.detach().cpu().clone() for m, p in self.prototypes.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("prototypes")
         device = next(self.model.parameters()).device
-        self.prototypes = None if saved is None else {m: torch.tensor(p, device=device) for m, p in saved.items()}
+        self.prototypes = None if saved is None else {m: p.to(device) for m, p in saved.items()}
