@@ -1,4 +1,5 @@
-"""Training-step overhead: a hand-written PyTorch loop vs blendtune's loop with each strategy.
+"""Training-step overhead: a hand-written PyTorch loop vs blendtune's loop with each strategy (an epoch:
+its start hook, e.g. PMR's prototype pass, and its steps).
 
     python benchmarks/step_overhead.py --model avdigits --batch 64 --steps 40
     python benchmarks/step_overhead.py --model resnet18 --batch 8 --steps 4 --repeats 3
@@ -50,7 +51,7 @@ class BenchTensors(DatasetAdapter):
     shapes: dict = {}
     size = 0
 
-    def build(self, skip_bad=False, spectrogram_on="loader"):
+    def build(self, skip_bad=False, spectrogram_on="loader", **_loader_options):
         targets = bench_targets(self.size)
         gen = torch.Generator().manual_seed(1)
         inputs = {m: torch.randn(self.size, *s, generator=gen) for m, s in self.shapes.items()}
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64])
     parser.add_argument("--steps", type=int, default=40, help="steps per timed epoch")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--strategies", nargs="+", default=["naive", "ogm", "ogm_ge", "gblend"])
+    parser.add_argument("--strategies", nargs="+", default=["naive", "ogm", "ogm_ge", "gblend", "mmpareto", "pmr", "mla"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--baseline", choices=["plain", "best"], default=None,
@@ -152,6 +153,7 @@ def main() -> None:
             return args.steps
 
         def blendtune_epoch(trainer):
+            trainer.strategy.on_epoch_start(1, trainer.context)  # e.g. PMR's prototypes (a per-epoch cost)
             trainer.train_epoch(1)
             return len(trainer.train_loader)
 
