@@ -40,6 +40,20 @@ def all_reduce_mean_(tensors) -> None:
             t.copy_(part.view_as(t))
 
 
+def broadcast_(tensors, src: int = 0) -> None:
+    """Every rank's tensors become rank `src`'s, in one flat broadcast per dtype (BatchNorm buffers
+    outside DDP's forward, which broadcasts them itself only while it syncs)."""
+    if not is_distributed():
+        return
+    tensors = list(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.broadcast(flat, src=src)
+        for t, part in zip(same, flat.split([t.numel() for t in same])):
+            t.copy_(part.view_as(t))
+
+
 def gather_cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Concatenates this rank's tensors with every other rank's (evaluation scores for exact mAP)."""
     local = torch.cat(tensors, dim=dim) if tensors else None

@@ -181,6 +181,9 @@ def pareto_weight(grad_fused: Tensor, grad_unimodal: Tensor) -> tuple[Tensor, Te
     tiny = torch.finfo(torch.float32).tiny
     cos = ab / (aa * bb).sqrt().clamp_min(tiny)
     min_norm = (bb - ab) / (aa + bb - 2 * ab).clamp_min(tiny)
+    # The solver's clamps (min_norm_solvers.py 17-24) matter where one gradient is exactly 0 (cos = 0):
+    # g_u = 0 gives w = 0.001, g_m = 0 gives w = 0.999, so the other gradient is kept, not zeroed.
+    min_norm = torch.where(ab >= aa, torch.full_like(ab, 0.999), torch.where(ab >= bb, torch.full_like(ab, 0.001), min_norm))
     return cos, torch.where(cos > 0, torch.full_like(cos, 0.5), min_norm.clamp(0.0, 1.0))
 
 

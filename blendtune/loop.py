@@ -132,6 +132,10 @@ class Trainer:
         self.strategy = strategy
         self.strategy.setup(self.model, o.seed, o.epochs)
         self.train_model = self._for_training(self.model, strategy.trains_all_parameters)
+        if o.compile and (not strategy.compiles or (strategy.syncs_gradients and distributed.is_distributed())):
+            raise UserError(f"config key 'train.compile': strategy {type(strategy).__name__} takes several backward "
+                            "passes or optimizer steps per forward, which a compiled graph does not allow"
+                            + ("" if not strategy.compiles else " with several workers"))
         if o.compile:  # the step runs through the compiled module; state_dict and evaluation use the model
             self.train_model = torch.compile(self.train_model)
         self.optimizer = optimizer
@@ -225,6 +229,9 @@ class Trainer:
             began = time.perf_counter()
             self.strategy.on_epoch_start(epoch, self.context)
             train_loss = self.train_epoch(epoch)
+            # BatchNorm statistics: DDP broadcasts rank 0's before each forward, so the last step's update
+            # stays per rank; share it before evaluation and the checkpoint (which holds rank 0's).
+            distributed.broadcast_(list(self.model.buffers()))
             self.scheduler.step()
             evaluation = self.evaluate(self.model)
             self.strategy.on_epoch_end(epoch, evaluation, self.context)
@@ -305,6 +312,8 @@ class Trainer:
     @staticmethod
     def _manual_sync(model: torch.nn.Module, strategy: BalancingStrategy):
         if strategy.syncs_gradients and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # (A forward under no_sync() stops DDP broadcasting buffers; rank 0's BatchNorm statistics are
+            # broadcast at the end of each epoch instead, for every strategy: `fit`.)
             return model.no_sync()
         return contextlib.nullcontext()
 

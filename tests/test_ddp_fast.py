@@ -37,3 +37,24 @@ def test_two_ranks_stay_bit_identical_under_the_newer_strategies(strategy, tmp_p
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
     metrics = {k: v for k, v in r0["history"][-1].items() if k.startswith(strategy + "/")}
     assert metrics and metrics == {k: v for k, v in r1["history"][-1].items() if k.startswith(strategy + "/")}
+
+
+@pytest.mark.parametrize("strategy", ["mmpareto"])
+def test_two_ranks_agree_on_batchnorm_statistics(strategy, tmp_path, monkeypatch):
+    # BatchNorm running statistics are buffers, not gradients: DDP broadcasts rank 0's before a synced
+    # forward only (never under no_sync(), which MMPareto and MLA use), and the last step's update stays
+    # per rank. The loop shares rank 0's at the end of every epoch, before evaluation and the checkpoint.
+    from conftest import make_tiny_avdigits
+    make_tiny_avdigits(tmp_path / "data")
+    monkeypatch.setenv("BLENDTUNE_DATA_ROOT", str(tmp_path / "data"))
+    r0, r1 = run_ddp(tmp_path, [
+        "data.dataset=avdigits", "data.avdigits.test_speakers=[cid]", "data.avdigits.sample_rate=8000",
+        "data.avdigits.window_s=0.5", "data.avdigits.n_fft=128", "data.avdigits.hop_length=64",
+        "model.encoders.audio.name=spec_cnn", "model.encoders.audio.hidden=8", "model.encoders.image.name=spec_cnn",
+        "model.encoders.image.hidden=8", "data.batch_size=4", "data.eval_batch_size=4", "train.epochs=1",
+        "train.progress=false", "wandb=false", "data.held_out_ratio=0.0", f"strategy={strategy}"], deadline_s=120)
+    running = [k for k in r0["params"] if "running" in k]
+    assert running  # the spec-CNN encoders have BatchNorm
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    assert r0["history"][-1]["acc/test/fused"] == r1["history"][-1]["acc/test/fused"]

@@ -263,3 +263,45 @@ def test_mla_refuses_another_fusion_in_one_line():
         _trainer("mla", ["model.fusion=sum"])
     with pytest.raises(UserError, match=r"model.fusion.*feature sizes must be equal"):
         _trainer("naive", ["model.fusion=shared", "model.encoders.clean.dim=16"])
+
+
+def test_mmpareto_keeps_the_other_gradient_when_one_is_zero():
+    # cos = 0 takes the min-norm branch, where the authors' solver clamps w to 0.999 / 0.001
+    # (min_norm_solvers.py 17-24): the encoder keeps 1.5 x the non-zero gradient, not 0.
+    g = torch.tensor([1.0, 2.0])
+    for fused, uni, w in ((g, torch.zeros(2), 0.001), (torch.zeros(2), g, 0.999)):
+        grads, _, weight = mmpareto_gradients([fused], [uni])
+        assert weight.item() == pytest.approx(w) and grads[0].tolist() == pytest.approx([1.5, 3.0], rel=1e-5)
+
+
+def test_mmpareto_commutes_with_the_loss_scale():
+    # The loop combines fp16's loss-scaled gradients and unscales after: exact for a power-of-two scale.
+    gen = torch.Generator().manual_seed(0)
+    fused = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    uni = [-f + 0.3 * torch.randn(f.shape, generator=gen) for f in fused]  # conflicting
+    plain, cos, _ = mmpareto_gradients(fused, uni)
+    scaled, _, _ = mmpareto_gradients([2.0 ** 16 * g for g in fused], [2.0 ** 16 * g for g in uni])
+    assert cos < 0
+    for p, s in zip(plain, scaled):
+        assert torch.equal(s / 2.0 ** 16, p)
+
+
+def test_mla_refuses_compile_and_backbones_that_share_parameters():
+    with pytest.raises(UserError, match=r"config key 'train.compile': strategy MLA"):
+        _trainer("mla", ["train.compile=true"])
+    import blendtune
+
+    class SharedTrunk(torch.nn.Module):
+        """One layer serves both modalities: a step on one changes the other's features."""
+        feature_dims = {"a": 8, "b": 8}
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.trunk = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, inputs):
+            return {"a": self.trunk(self.a(inputs["a"])), "b": self.trunk(self.b(inputs["b"]))}
+
+    data = [({"a": torch.randn(4), "b": torch.randn(4)}, i % 2) for i in range(16)]
+    with pytest.raises(UserError, match=r"strategy mla needs a separate encoder per modality.*trunk.weight"):
+        blendtune.fit(SharedTrunk(), data, data, strategy="mla", epochs=1)

@@ -86,7 +86,9 @@ class SharedHeadFusion(nn.Module):
                              f"must be equal (model.encoders.<modality>.dim), got {dims}")
         self.dims = dims
         self.fc = nn.Linear(next(iter(dims.values())), num_classes)
-        self.weighting = "mean"  # mean | entropy (set by the MLA strategy)
+        # mean | entropy: set by the MLA strategy's setup (also when a run resumes); a plain attribute, not
+        # extra state, so state_dict() stays tensors only
+        self.weighting = "mean"
 
     def unimodal_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.fc(feats[m]) for m in self.dims}

@@ -77,6 +77,7 @@ class BalancingStrategy:
     required_options: tuple[str, ...] = ()  # options that must be set (non-empty) to run it
     syncs_gradients: bool = False       # True: under DDP its `backward` all-reduces the gradients itself
     fusion: str | None = None           # the fusion the method is defined with (MLA: shared); None: any
+    compiles: bool = True               # False: its step cannot run through torch.compile (train.compile)
 
     def __init__(self, options: Any = None):
         self.options = options

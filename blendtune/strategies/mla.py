@@ -41,6 +41,7 @@ class MLA(BalancingStrategy):
     options: MLAOptions
     syncs_gradients = True  # one forward, k backward passes and optimizer steps: all-reduced here
     fusion = "shared"       # the model is built with the shared head (model.fusion=shared)
+    compiles = False        # turn 1's backward frees the compiled forward's saved tensors turn 2 needs
 
     def setup(self, model, seed, total_epochs):
         super().setup(model, seed, total_epochs)
@@ -48,6 +49,11 @@ class MLA(BalancingStrategy):
             raise UserError("config key 'model.fusion': strategy mla trains one classifier shared by every modality; "
                             f"set model.fusion=shared (got {type(model.fusion).__name__})")
         self.head = head = model.fusion.fc
+        own = {id(p) for m in model.modalities for _, p in model.encoder_parameters(m)}
+        shared = [n for n, p in model.encoders.named_parameters() if p.requires_grad and id(p) not in own]
+        if shared:  # one modality's step would change what the next turn's features were computed with
+            raise UserError(f"strategy mla needs a separate encoder per modality; the backbone's parameters "
+                            f"{', '.join(shared[:3])}{' ...' if len(shared) > 3 else ''} serve several modalities")
         model.fusion.weighting = self.options.test_fusion
         dim = head.in_features
         self.projector = torch.eye(dim, device=head.weight.device, dtype=torch.float32)

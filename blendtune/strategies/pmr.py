@@ -142,4 +142,5 @@ class PMR(BalancingStrategy):
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("prototypes")
         device = next(self.model.parameters()).device
-        self.prototypes = None if saved is None else {m: p.to(device) for m, p in saved.items()}
+        self.prototypes = None if saved is None else {m: torch.as_tensor(p, dtype=torch.float32, device=device)
+                                                     for m, p in saved.items()}

@@ -1,0 +1,98 @@
+"""Strategies compared at an equal tuning budget: for each strategy, one Ray Tune sweep of `--trials`
+trials over its own search space (`search_spaces/<strategy>.yaml`, which all include the learning rate),
+random search, selected on held-out accuracy of the fused head (never test), then the chosen configuration re-run over
+`--seeds` seeds with `blendtune compare`; one table of mean ± 95% CI and paired differences to tuned naive.
+
+    python benchmarks/tuned_compare.py experiments/synthetic_imbalanced_gblend.yaml \\
+        --strategies naive mmpareto pmr mla ogm_ge gblend --trials 8 --seeds 5
+
+Writes benchmarks/results/tuned_compare_<experiment>.{json,md} (the chosen overrides per strategy, every
+trial's held-out score, the 5-seed table) and leaves each sweep and comparison directory under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write  # noqa: E402
+
+import blendtune  # noqa: E402
+from blendtune.report import mean_ci, paired_differences  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE_OF = {"ogm_ge": "ogm", "ogm": "ogm"}  # strategies sharing a space file
+METRIC = "acc/held_out/fused"
+
+
+def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str]) -> tuple[dict, list[float], float]:
+    """The best configuration of one strategy's sweep, by held-out fused accuracy at its last epoch."""
+    began = time.perf_counter()
+    space = REPO / "search_spaces" / f"{SPACE_OF.get(strategy, strategy)}.yaml"
+    _, results = blendtune.sweep(space, experiment, [f"strategy={strategy}", f"sweep.num_samples={trials}",
+                                                     "sweep.scheduler=none", "sweep.search=random", f"output_dir={out}", "wandb=false",
+                                                     *extra])
+    scores = [r.metrics.get(METRIC) for r in results if r.metrics]
+    best = results.get_best_result(metric=METRIC, mode="max", scope="last")
+    chosen = {k: v for k, v in best.config.items() if not k.startswith("_")}
+    return chosen, scores, time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("experiment")
+    parser.add_argument("--strategies", nargs="+", default=["naive", "mmpareto", "pmr", "mla"])
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--out", default="runs/tuned_compare")
+    parser.add_argument("overrides", nargs="*", help="key=value for every sweep and comparison")
+    args = parser.parse_args()
+    out = Path(args.out)
+    payload = {"experiment": args.experiment, "trials": args.trials, "seeds": args.seeds, "strategies": {}}
+    for strategy in args.strategies:
+        chosen, scores, seconds = tune(strategy, args.experiment, args.trials, out / "sweeps", args.overrides)
+        payload["strategies"][strategy] = {"chosen": chosen, "held_out_scores": scores, "sweep_s": seconds}
+        print(f"{strategy}: chose {chosen} (held-out {max(s for s in scores if s is not None):.3f}, {seconds:.0f} s)",
+              flush=True)
+    # One comparison per strategy with its chosen overrides (compare applies overrides to every strategy).
+    scores: dict[str, dict[int, float]] = {}
+    table = ["| strategy | chosen (held-out) | fused test acc % | ensemble % | vs tuned naive | wins | sweep + compare s |",
+             "|---|---|---|---|---|---|---|"]
+    for strategy, entry in payload["strategies"].items():
+        overrides = [f"{k}={v}" for k, v in entry["chosen"].items()]
+        began = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", args.experiment, "--strategies",
+                               strategy, "--seeds", str(args.seeds), f"output_dir={out / 'compare'}", "wandb=false",
+                               *args.overrides, *overrides], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"compare of {strategy} failed:\n{done.stderr[-2000:]}")
+        run_dir = Path(done.stdout.strip().splitlines()[-1])
+        entry["compare_dir"], entry["compare_s"] = str(run_dir), time.perf_counter() - began
+        with open(run_dir / "results.csv") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epochs"]) > 0]
+        scores[strategy] = {int(r["seed"]): float(r["final_acc_fused"]) for r in rows}
+        entry["fused"] = scores[strategy]
+        entry["ensemble"] = {int(r["seed"]): float(r["final_acc_ensemble"]) for r in rows}
+    differences = {d.label: d for d in paired_differences(scores, baseline=args.strategies[0])}
+    for strategy, entry in payload["strategies"].items():
+        fused, fused_ci = mean_ci([100 * v for v in entry["fused"].values()])
+        ens, ens_ci = mean_ci([100 * v for v in entry["ensemble"].values()])
+        d = differences.get(strategy)
+        diff = "" if d is None else (f"**{100 * d.mean:+.1f} ± {100 * d.half_width:.1f}**"
+                                     if abs(d.mean) > d.half_width else f"{100 * d.mean:+.1f} ± {100 * d.half_width:.1f}")
+        chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry["chosen"].items())
+        table.append(f"| {strategy} | {chosen} ({100 * max(x for x in entry['held_out_scores'] if x is not None):.1f}) "
+                     f"| {fused:.1f} ± {fused_ci:.1f} | {ens:.1f} ± {ens_ci:.1f} | {diff} | "
+                     f"{'' if d is None else f'{d.wins}/{d.seeds}'} | {entry['sweep_s'] + entry['compare_s']:.0f} |")
+    write(f"tuned_compare_{Path(args.experiment).stem}", payload, table,
+          f"Experiment {args.experiment}; {args.trials} random-search trials per strategy over its search space "
+          f"(selected on {METRIC}), then {args.seeds} seeds; mean ± 95% CI; difference to tuned "
+          f"{args.strategies[0]} paired by seed (bold: the CI excludes 0).")
+
+
+if __name__ == "__main__":
+    main()
