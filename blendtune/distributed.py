@@ -25,31 +25,29 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_mean_(tensors) -> None:
-    """Averages each tensor over all ranks in place, in one flat all-reduce per dtype: the gradients of
-    strategies that leave DDP's bucketed reducer out (`syncs_gradients`). Every rank passes tensors of
-    the same shapes in the same order."""
-    if not is_distributed():
-        return
-    tensors = list(tensors)
-    for dtype in dict.fromkeys(t.dtype for t in tensors):
-        same = [t for t in tensors if t.dtype == dtype]
-        flat = torch.cat([t.reshape(-1) for t in same])
+    """Averages each tensor over all ranks in place: the gradients of strategies that leave DDP's
+    bucketed reducer out (`syncs_gradients`). Every rank passes the same shapes in the same order."""
+    def mean(flat: torch.Tensor) -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= world_size()
-        for t, part in zip(same, flat.split([t.numel() for t in same])):
-            t.copy_(part.view_as(t))
+    _flat_per_dtype_(tensors, mean)
 
 
 def broadcast_(tensors, src: int = 0) -> None:
-    """Every rank's tensors become rank `src`'s, in one flat broadcast per dtype (BatchNorm buffers
-    outside DDP's forward, which broadcasts them itself only while it syncs)."""
+    """Every rank's tensors become rank `src`'s in place (BatchNorm buffers, which DDP broadcasts only
+    before a synced forward)."""
+    _flat_per_dtype_(tensors, lambda flat: dist.broadcast(flat, src=src))
+
+
+def _flat_per_dtype_(tensors, collective) -> None:
+    """One collective per dtype over the tensors concatenated, copied back in place."""
     if not is_distributed():
         return
     tensors = list(tensors)
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         same = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in same])
-        dist.broadcast(flat, src=src)
+        collective(flat)
         for t, part in zip(same, flat.split([t.numel() for t in same])):
             t.copy_(part.view_as(t))
 
