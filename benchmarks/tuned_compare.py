@@ -21,6 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write  # noqa: E402
 
+import yaml  # noqa: E402
+
 import blendtune  # noqa: E402
 from blendtune.report import mean_ci, paired_differences  # noqa: E402
 
@@ -29,10 +31,14 @@ SPACE_OF = {"ogm_ge": "ogm", "ogm": "ogm"}  # strategies sharing a space file
 METRIC = "acc/held_out/fused"
 
 
-def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str]) -> tuple[dict, list[float], float]:
+def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str],
+         lr_range: tuple[float, float] | None) -> tuple[dict, list[float], float]:
     """The best configuration of one strategy's sweep, by held-out fused accuracy at its last epoch."""
     began = time.perf_counter()
-    space = REPO / "search_spaces" / f"{SPACE_OF.get(strategy, strategy)}.yaml"
+    space_file = REPO / "search_spaces" / f"{SPACE_OF.get(strategy, strategy)}.yaml"
+    space = yaml.safe_load(space_file.read_text())
+    if lr_range:  # the spaces' lr range is written for AV-digits' Adam; SGD settings need their own
+        space["optim.lr"] = {"loguniform": list(lr_range)}
     _, results = blendtune.sweep(space, experiment, [f"strategy={strategy}", f"sweep.num_samples={trials}",
                                                      "sweep.scheduler=none", "sweep.search=random", f"output_dir={out}", "wandb=false",
                                                      *extra])
@@ -49,12 +55,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="runs/tuned_compare")
+    parser.add_argument("--lr-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="replace every space's optim.lr range (loguniform), the same for every strategy")
     parser.add_argument("overrides", nargs="*", help="key=value for every sweep and comparison")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     out = Path(args.out)
-    payload = {"experiment": args.experiment, "trials": args.trials, "seeds": args.seeds, "strategies": {}}
+    payload = {"experiment": args.experiment, "lr_range": args.lr_range, "trials": args.trials, "seeds": args.seeds, "strategies": {}}
     for strategy in args.strategies:
-        chosen, scores, seconds = tune(strategy, args.experiment, args.trials, out / "sweeps", args.overrides)
+        chosen, scores, seconds = tune(strategy, args.experiment, args.trials, out / "sweeps", args.overrides,
+                                       args.lr_range)
         payload["strategies"][strategy] = {"chosen": chosen, "held_out_scores": scores, "sweep_s": seconds}
         print(f"{strategy}: chose {chosen} (held-out {max(s for s in scores if s is not None):.3f}, {seconds:.0f} s)",
               flush=True)

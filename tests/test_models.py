@@ -22,8 +22,14 @@ def test_resnet18_is_torchvisions_with_a_one_channel_stem():
 
 
 def _model(fusion):
-    encoders = {"a": build_encoder("mlp", (6,), 8, 16, 0.0), "v": build_encoder("mlp", (4,), 10, 16, 0.0)}
-    return LateFusionClassifier(encoders, build_fusion(fusion, {"a": 8, "v": 10}, 3), 3)
+    dims = {"a": 8, "v": 8 if fusion == "shared" else 10}  # one shared classifier needs one feature size
+    encoders = {m: build_encoder("mlp", (shape,), dims[m], 16, 0.0) for m, shape in (("a", 6), ("v", 4))}
+    return LateFusionClassifier(encoders, build_fusion(fusion, dims, 3), 3)
+
+
+def test_shared_fusion_refuses_unequal_feature_sizes():
+    with pytest.raises(ValueError, match="feature sizes must be equal"):
+        build_fusion("shared", {"a": 8, "v": 10}, 3)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS.names())
