@@ -99,17 +99,22 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     return torch.where(positives > 0, (precision * hits).sum(0) / positives.clamp_min(1), torch.nan)
 
 
+def discrepancy_ratios(scores: Tensor) -> Tensor:
+    """rho_u = s_u / mean_{w != u} s_w (for two modalities exactly s_u / s_other, as OGM's and PMR's rho)."""
+    k = scores.numel()
+    if k < 2:
+        raise ValueError("a discrepancy ratio needs at least two modalities")
+    others_mean = (scores.sum() - scores) / (k - 1)
+    return scores / others_mean.clamp_min(torch.finfo(scores.dtype).tiny)
+
+
 def ogm_coefficients_from_scores(scores: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     """Discrepancy ratios rho and coefficients k from summed scores (tensor in, tensors out, no sync).
 
     rho_u = s_u / mean_{w != u} s_w (for two modalities exactly s_u / s_other, as the paper);
     k_u = 1 - tanh(alpha * rho_u) when rho_u > 1, else 1: only the dominant modality slows down.
     """
-    k = scores.numel()
-    if k < 2:
-        raise ValueError("OGM needs at least two modalities")
-    others_mean = (scores.sum() - scores) / (k - 1)
-    rho = scores / others_mean.clamp_min(torch.finfo(scores.dtype).tiny)
+    rho = discrepancy_ratios(scores)
     coeff = torch.where(rho > 1, 1 - torch.tanh(alpha * rho), torch.ones_like(rho))
     return rho, coeff
 
@@ -237,7 +242,7 @@ def pmr_coefficients(scores: Tensor, rule: str = "paper") -> Tensor:
     probabilities s_u: rho_u = s_u / mean_{w != u} s_w (two modalities: the paper's rho = s_0 / s_1).
     paper (Eq. 11): clip(1 / rho_u - 1, 0, 1) for the modality behind (rho_u < 1), 0 otherwise.
     code (the authors' main_Prototype_grad.py): 1 for the modality behind, 0 otherwise (0 at a tie)."""
-    rho, _ = ogm_coefficients_from_scores(scores, alpha=0.0)
+    rho = discrepancy_ratios(scores)
     behind = rho < 1
     if rule == "code":
         return behind.to(scores.dtype)

@@ -286,16 +286,7 @@ class Trainer:
             with self._manual_sync(model, strategy):
                 with self._autocast():
                     out = model(inputs, modality_masks=masks, detach_unimodal_heads=strategy.detach_unimodal_heads)
-                turns = strategy.step_losses(out, targets, epoch)  # one optimizer step per loss (MLA: per modality)
-                first = True
-                while True:
-                    with self._autocast():
-                        loss = next(turns, None)
-                        if loss is None:
-                            break
-                        if first and strategy.detach_unimodal_heads:
-                            loss = loss + probe_loss(out, targets)  # probes: no gradient reaches the encoders
-                    first = False
+                for loss in self._step_losses(strategy, out, targets, epoch):  # MLA: one per modality
                     optimizer.zero_grad(set_to_none=True)
                     strategy.backward(loss, out, targets, scaler)
                     scaler.unscale_(optimizer)  # strategies modulate true gradients, not scaled ones
@@ -308,6 +299,21 @@ class Trainer:
             if main:
                 self.step += 1
         return total
+
+    def _step_losses(self, strategy: BalancingStrategy, out, targets: torch.Tensor, epoch: int) -> Iterator[torch.Tensor]:
+        """The strategy's losses, one per optimizer step, each computed under autocast when its step comes
+        (after the earlier steps); the first carries the probe losses of detached uni-modal heads."""
+        turns = strategy.step_losses(out, targets, epoch)
+        first = True
+        while True:
+            with self._autocast():
+                loss = next(turns, None)
+                if loss is None:
+                    return
+                if first and strategy.detach_unimodal_heads:
+                    loss = loss + probe_loss(out, targets)  # probes: no gradient reaches the encoders
+            first = False
+            yield loss
 
     @staticmethod
     def _manual_sync(model: torch.nn.Module, strategy: BalancingStrategy):

@@ -23,7 +23,8 @@ import torch
 
 from blendtune import distributed
 from blendtune.errors import OptionError
-from blendtune.functional import class_means, classification_loss, mean_entropy, pmr_coefficients, prototype_logits
+from blendtune.functional import (class_means, classification_loss, discrepancy_ratios, mean_entropy, pmr_coefficients,
+                                  prototype_logits)
 from blendtune.models import FUSED, ModelOutput
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy, TrainingContext
 
@@ -117,7 +118,7 @@ class PMR(BalancingStrategy):
         if o.mu > 0 and epoch <= o.entropy_epochs:
             for i, m in enumerate(self.model.modalities):
                 loss = loss - o.mu * (beta.sum() - beta[i]) * mean_entropy(logits[m])
-        rho = scores / ((scores.sum() - scores) / (len(scores) - 1)).clamp_min(torch.finfo(scores.dtype).tiny)
+        rho = discrepancy_ratios(scores)
         self._rho_sum = rho if self._rho_sum is None else self._rho_sum + rho
         self._beta_sum = beta if self._beta_sum is None else self._beta_sum + beta
         self._steps += 1
