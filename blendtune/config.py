@@ -165,6 +165,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
             raise UserError(f"command-line overrides: {_first_line(e)}") from None
         cfg = _merge(cfg, dotlist, "command line")
     obj = OmegaConf.to_object(cfg)
+    if obj.data.root:  # relative to where the user typed it: Ray runs trials in their own directories
+        obj.data.root = str(Path(obj.data.root).expanduser().resolve())
     validate(obj)
     return obj
 

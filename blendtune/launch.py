@@ -127,13 +127,21 @@ def init_ray(address: str | None, num_cpus: int | None = None, log_to_driver: bo
         os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"num_cpus": num_cpus} if address == "local" and num_cpus else {}
-    env = {k: os.environ[k] for k in RAY_ENV}
-    if address == "local":
+    ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver,
+             runtime_env={"env_vars": worker_env(address == "local")}, **kwargs)
+    return True
+
+
+def worker_env(local: bool) -> dict[str, str]:
+    """Environment variables Ray workers get. Ray runs each trial in its own directory, so paths the
+    user gave relative to theirs are made absolute (on a local Ray, where both share a file system)."""
+    env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
+    if local:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
             [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
-    ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver,
-             runtime_env={"env_vars": env}, **kwargs)
-    return True
+        if os.environ.get("BLENDTUNE_DATA_ROOT"):
+            env["BLENDTUNE_DATA_ROOT"] = str(Path(os.environ["BLENDTUNE_DATA_ROOT"]).expanduser().resolve())
+    return env
 
 
 def check_gpus(cfg) -> None:

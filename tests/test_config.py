@@ -108,3 +108,16 @@ def test_worker_cpus_split_the_machine_for_one_run_and_default_to_one_in_sweeps(
     assert worker_cpus(load_config(None, ["workers=2", "sweep.cpus_per_worker=0.5"]), [16.0]) == 0.5
     with pytest.raises(UserError, match="sweep.cpus_per_worker"):
         load_config(None, ["sweep.cpus_per_worker=0"])
+
+
+def test_relative_data_roots_reach_ray_trials_as_absolute_paths(tmp_path, monkeypatch):
+    """Ray runs every trial in its own directory: `data.root=../data` or a relative
+    $BLENDTUNE_DATA_ROOT must still name the folder the user meant."""
+    from blendtune.launch import worker_env
+    (tmp_path / "data").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = load_config(None, ["data.root=../data"])
+    assert cfg.data.root == str(tmp_path / "data")
+    monkeypatch.setenv("BLENDTUNE_DATA_ROOT", "../data")
+    assert worker_env(local=True)["BLENDTUNE_DATA_ROOT"] == str(tmp_path / "data")
