@@ -1,6 +1,7 @@
 """Strategies compared at an equal tuning budget: for each strategy, one Ray Tune sweep of `--trials`
 trials over its own search space (`search_spaces/<strategy>.yaml`, which all include the learning rate),
-random search, selected on held-out accuracy of the fused head (never test), then the chosen configuration re-run over
+random search (stopped early by ASHA, `--scheduler asha`, or every trial run to the end: `none`),
+selected on held-out accuracy of the fused head (never test), then the chosen configuration re-run over
 `--seeds` seeds with `blendtune compare`; one table of mean ± 95% CI and paired differences to tuned naive.
 
     python benchmarks/tuned_compare.py experiments/synthetic_imbalanced_gblend.yaml \\
@@ -32,7 +33,7 @@ METRIC = "acc/held_out/fused"
 
 
 def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str],
-         lr_range: tuple[float, float] | None) -> tuple[dict, list[float], float]:
+         lr_range: tuple[float, float] | None, scheduler: str) -> tuple[dict, list[float], float]:
     """The best configuration of one strategy's sweep, by held-out fused accuracy at its last epoch."""
     began = time.perf_counter()
     space_file = REPO / "search_spaces" / f"{SPACE_OF.get(strategy, strategy)}.yaml"
@@ -40,7 +41,7 @@ def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str
     if lr_range:  # the spaces' lr range is written for AV-digits' Adam; SGD settings need their own
         space["optim.lr"] = {"loguniform": list(lr_range)}
     _, results = blendtune.sweep(space, experiment, [f"strategy={strategy}", f"sweep.num_samples={trials}",
-                                                     "sweep.scheduler=none", "sweep.search=random", f"output_dir={out}", "wandb=false",
+                                                     f"sweep.scheduler={scheduler}", "sweep.search=random", f"output_dir={out}", "wandb=false",
                                                      *extra])
     scores = [r.metrics.get(METRIC) for r in results if r.metrics]
     best = results.get_best_result(metric=METRIC, mode="max", scope="last")
@@ -57,13 +58,16 @@ def main() -> None:
     parser.add_argument("--out", default="runs/tuned_compare")
     parser.add_argument("--lr-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="replace every space's optim.lr range (loguniform), the same for every strategy")
+    parser.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                        help="asha: the sweeps' default early stopping (sweep.grace_period / reduction_factor)")
     parser.add_argument("overrides", nargs="*", help="key=value for every sweep and comparison")
     args = parser.parse_intermixed_args()
     out = Path(args.out)
-    payload = {"experiment": args.experiment, "lr_range": args.lr_range, "trials": args.trials, "seeds": args.seeds, "strategies": {}}
+    payload = {"experiment": args.experiment, "lr_range": args.lr_range, "trials": args.trials, "seeds": args.seeds,
+               "scheduler": args.scheduler, "strategies": {}}
     for strategy in args.strategies:
         chosen, scores, seconds = tune(strategy, args.experiment, args.trials, out / "sweeps", args.overrides,
-                                       args.lr_range)
+                                       args.lr_range, args.scheduler)
         payload["strategies"][strategy] = {"chosen": chosen, "held_out_scores": scores, "sweep_s": seconds}
         print(f"{strategy}: chose {chosen} (held-out {max(s for s in scores if s is not None):.3f}, {seconds:.0f} s)",
               flush=True)
@@ -99,6 +103,7 @@ def main() -> None:
                      f"{'' if d is None else f'{d.wins}/{d.seeds}'} | {entry['sweep_s'] + entry['compare_s']:.0f} |")
     write(f"tuned_compare_{Path(args.experiment).stem}", payload, table,
           f"Experiment {args.experiment}; {args.trials} random-search trials per strategy over its search space "
+          f"({'ASHA early stopping' if args.scheduler == 'asha' else 'no early stopping'}) "
           f"(selected on {METRIC}), then {args.seeds} seeds; mean ± 95% CI; difference to tuned "
           f"{args.strategies[0]} paired by seed (bold: the CI excludes 0).")
 

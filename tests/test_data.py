@@ -97,3 +97,62 @@ def test_missing_data_root_is_explained(tmp_path, monkeypatch):
         avdigits(**AV_ARGS, root=str(tmp_path / "nope"))
     with pytest.raises(UserError, match="FSDD recordings folder not found"):
         avdigits(**AV_ARGS, root=str(tmp_path))
+
+
+# ---- AV-MNIST: weakened images and noisy audio on the AV-digits pairs --------------------------------
+def test_pca_energy_removal_keeps_leading_components_fit_on_training_rows_only():
+    from blendtune.data.avmnist import remove_pca_energy
+    rng = np.random.default_rng(0)
+    scales = np.array([3.0, 2.0, 1.5, 1.0, 0.5, 0.5, 0.3, 0.2])  # variance shares 0.53, 0.24, 0.13, ...
+    images = (rng.normal(size=(300, 8)) * scales + 5.0).reshape(300, 2, 4).astype(np.float32)
+    fit = np.arange(300) < 200
+    share = lambda x: np.var(x[fit].reshape(200, -1), axis=0).sum() / np.var(images[fit].reshape(200, -1), axis=0).sum()
+    kept = remove_pca_energy(images, fit, 0.4)       # keep < 60%: only the first component
+    assert 0.45 < share(kept) < 0.6
+    assert np.linalg.matrix_rank(kept.reshape(300, -1) - kept[fit].reshape(200, -1).mean(0), tol=1e-3) == 1
+    assert 0.7 < share(remove_pca_energy(images, fit, 0.15)) < 0.85  # two components (~77%)
+    np.testing.assert_allclose(remove_pca_energy(images, fit, 0.0), images, atol=1e-4)
+    # the PCA sees the training rows only: other rows changing leaves the training images alone
+    moved = images.copy()
+    moved[~fit] *= 10
+    np.testing.assert_allclose(remove_pca_energy(moved, fit, 0.4)[fit], kept[fit], atol=1e-4)
+
+
+def test_noise_is_at_the_stated_snr_of_each_clip_and_fixed_by_its_seed():
+    from blendtune.data.avmnist import add_noise
+    waves = torch.zeros(4, 8000)
+    waves[:, 2000:6000] = torch.randn(4, 4000) * torch.tensor([[0.1], [0.5], [1.0], [2.0]])  # centred clips
+    noisy = add_noise(waves, np.full(4, 4000), snr_db=6.0, seed=1)
+    snr = 10 * torch.log10(waves.pow(2).sum(1) / 4000 / (noisy - waves).pow(2).mean(1))
+    assert torch.allclose(snr, torch.full((4,), 6.0), atol=0.3)
+    assert torch.equal(noisy, add_noise(waves, np.full(4, 4000), 6.0, seed=1))
+    assert not torch.equal(noisy, add_noise(waves, np.full(4, 4000), 6.0, seed=2))
+
+
+def test_avmnist_builds_from_its_config_on_a_tiny_tree(tmp_path):
+    from blendtune.config import load_config
+    from blendtune.data.base import DATASETS
+    from blendtune.worker import dataset_options
+    make_tiny_avdigits(tmp_path)
+    options = dataset_options(load_config(None, ["data.dataset=avmnist", "data.avmnist.test_speakers=[cid]",
+                                                 "data.avmnist.snr_db=10"]))
+    train, test = DATASETS.get("avmnist")(root=str(tmp_path), **options).build()
+    clean_train, _ = avdigits(**{**AV_ARGS, "test_speakers": ["cid"]}, root=str(tmp_path))
+    assert len(train) == 8 and len(test) == 4 and train.input_shapes == clean_train.input_shapes
+    assert not torch.allclose(train.inputs["audio"], clean_train.inputs["audio"])
+    with pytest.raises(UserError, match="data.avmnist.image_energy_removed"):
+        load_config(None, ["data.dataset=avmnist", "data.avmnist.image_energy_removed=1.5"])
+
+
+@needs_data
+def test_avmnist_images_keep_under_a_quarter_of_their_variance_and_still_show_the_digit():
+    from blendtune.data.avmnist import avmnist
+    train, test = avmnist(**AV_ARGS, image_energy_removed=0.75, snr_db=0.0, noise_seed=0)
+    clean, _ = avdigits(**AV_ARGS)
+    assert len(train) == 2000 and len(test) == 1000 and train.groups == clean.groups
+    assert torch.equal(train.targets, clean.targets)
+    variance = lambda x: x.flatten(1).var(0).sum()
+    assert 0.15 < variance(train.inputs["image"]) / variance(clean.inputs["image"]) < 0.25
+    means = torch.stack([train.inputs["image"][train.targets == d].flatten(1).mean(0) for d in range(10)])
+    accuracy = (torch.cdist(test.inputs["image"].flatten(1), means).argmin(1) == test.targets).float().mean()
+    assert 0.3 < accuracy < 0.9  # weaker than the clean images' nearest class mean, far above chance

@@ -114,9 +114,19 @@ class AVDigits(DatasetAdapter):
         return DataCheck(self.name, str(base), [str(d) for d in range(10)], counts, problems)
 
 
-def avdigits(test_speakers: list[str], window_s: float, sample_rate: int, n_fft: int, hop_length: int,
-             n_mels: int, pairing_seed: int, root: str | None = None,
-             skip_bad: bool = False) -> tuple[MultimodalDataset, MultimodalDataset]:
+@dataclass
+class DigitPairs:
+    """Every clip decoded to the window and paired with its MNIST image, before any feature is made."""
+    waves: torch.Tensor        # (N, samples), each clip fitted to the window
+    clip_lengths: np.ndarray   # samples of each clip's own audio inside the window (the rest is padding)
+    images: np.ndarray         # (N, 28, 28) float32, 0..255
+    digits: np.ndarray
+    speakers: np.ndarray
+    is_test: np.ndarray        # the test speakers' clips
+
+
+def load_pairs(test_speakers: list[str], window_s: float, sample_rate: int, pairing_seed: int,
+               root: str | None = None, skip_bad: bool = False, option_prefix: str = "data.avdigits") -> DigitPairs:
     base = data_root(root)
     problems: list[Problem] = []
     clips = list_clips(base / "fsdd" / "recordings", problems if skip_bad else None)
@@ -140,19 +150,31 @@ def avdigits(test_speakers: list[str], window_s: float, sample_rate: int, n_fft:
     speakers = np.array([s for _, _, s in clips])
     unknown = sorted(set(test_speakers) - set(speakers))
     if unknown:
-        raise UserError(f"config key 'data.avdigits.test_speakers': no clips from {unknown}; "
+        raise UserError(f"config key '{option_prefix}.test_speakers': no clips from {unknown}; "
                         f"speakers found: {sorted(set(speakers.tolist()))}")
     digits = np.array([d for _, d, _ in clips])
-    audio = log_mel(torch.stack(waves), sample_rate, n_fft, hop_length, n_mels)
-    image = torch.from_numpy(images[pair_images(digits, labels, pairing_seed)]).unsqueeze(1) / 255.0
-    image = TF.normalize(image, [MNIST_MEAN], [MNIST_STD])
+    return DigitPairs(torch.stack(waves), np.minimum(native_lengths, length), images[pair_images(digits, labels, pairing_seed)],
+                      digits, speakers, np.isin(speakers, test_speakers))
 
-    is_test = np.isin(speakers, test_speakers)
-    train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+def to_datasets(pairs: DigitPairs, sample_rate: int, n_fft: int, hop_length: int,
+                n_mels: int) -> tuple[MultimodalDataset, MultimodalDataset]:
+    """Log-mel spectrograms and normalised images; train = every speaker not held for test."""
+    audio = log_mel(pairs.waves, sample_rate, n_fft, hop_length, n_mels)
+    image = TF.normalize(torch.from_numpy(np.ascontiguousarray(pairs.images, dtype=np.float32)).unsqueeze(1) / 255.0,
+                         [MNIST_MEAN], [MNIST_STD])
+    train_idx, test_idx = np.flatnonzero(~pairs.is_test), np.flatnonzero(pairs.is_test)
     # Standardise the spectrogram with training-speaker statistics only: test data steers nothing.
     mean, std = audio[train_idx].mean(), audio[train_idx].std()
     audio = (audio - mean) / std
-    full = MultimodalDataset({"audio": audio, "image": image}, torch.from_numpy(digits), 10,
-                             groups=speakers.tolist(),
+    full = MultimodalDataset({"audio": audio, "image": image}, torch.from_numpy(pairs.digits), 10,
+                             groups=pairs.speakers.tolist(),
                              default_encoders={"audio": "spec_cnn", "image": "spec_cnn"})
     return full.subset(train_idx), full.subset(test_idx)
+
+
+def avdigits(test_speakers: list[str], window_s: float, sample_rate: int, n_fft: int, hop_length: int,
+             n_mels: int, pairing_seed: int, root: str | None = None,
+             skip_bad: bool = False) -> tuple[MultimodalDataset, MultimodalDataset]:
+    pairs = load_pairs(test_speakers, window_s, sample_rate, pairing_seed, root, skip_bad)
+    return to_datasets(pairs, sample_rate, n_fft, hop_length, n_mels)
