@@ -141,3 +141,12 @@ def test_one_rule_for_asking_ray_for_a_gpu():
     assert wants_gpu("cuda") and wants_gpu("cuda:1")   # launchers and the loop agree for cuda:N too
     assert not wants_gpu("cpu")
     assert wants_gpu("auto") == torch.cuda.is_available()
+
+
+def test_the_cli_starts_without_importing_torchvision():
+    """torchvision costs about two seconds at every start (each CLI call, each Ray worker); only the
+    image datasets and ResNet encoders need it, and they import it when used."""
+    import subprocess
+    import sys
+    code = "import sys, blendtune.cli, blendtune.worker, blendtune.sweeps; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

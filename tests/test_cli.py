@@ -74,6 +74,7 @@ def test_resume_continues_and_extends_a_run_in_metrics_and_wandb(tmp_path):
     assert_wandb_matches_metrics(history, rows)
 
 
+@pytest.mark.slow  # a known bug, kept visible: 19 s of the default run for a result that cannot change
 @pytest.mark.xfail(strict=True, reason="known: W&B keeps the epochs logged after the last checkpoint, and a "
                    "resume logs them again (metrics.jsonl drops and rewrites them)")
 def test_wandb_after_resuming_from_an_older_checkpoint_has_each_epoch_once(tmp_path):

@@ -16,8 +16,6 @@ import sys
 import soundfile
 import torch
 from torch.utils.data import Dataset, default_collate
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-from torchvision.transforms import v2
 
 from blendtune.data.audio import MIN_CLIP_S, LogSpectrogram, fit_to_window, read_clip
 from blendtune.data.base import DatasetAdapter, DataCheck, Problem, data_root
@@ -102,6 +100,7 @@ def frame_files(folder: Path) -> list[Path]:
 
 
 def read_frame(path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image  # torchvision is imported when used (seconds)
     try:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except Exception as e:
@@ -168,9 +167,10 @@ def warn_short_clips(short: list[Problem]) -> None:
               "they train padded; `blendtune data check` lists them", file=sys.stderr, flush=True)
 
 
-def frame_transform(size: int, train: bool) -> v2.Compose:
+def frame_transform(size: int, train: bool) -> "v2.Compose":
     """uint8 (3, H, W) -> normalised float (3, size, size): a random crop and flip in training, a resize
     in evaluation (the OGM-GE recipe). The same transform runs in loader workers or on the device."""
+    from torchvision.transforms import v2
     normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
         return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *normalize])
@@ -225,6 +225,7 @@ class DeviceFrames(torch.nn.Module):
         device = self._device.device
         images = payload.images()
         if payload.encoded:
+            from torchvision.io import ImageReadMode, decode_jpeg
             try:
                 images = decode_jpeg(images, mode=ImageReadMode.RGB, device=device)
             except RuntimeError as e:
@@ -303,6 +304,7 @@ class AudioVisualDataset(Dataset):
                 raise UserError(f"frame folder '{sample.frames}' is missing or has no .jpg files")
             picked = [files[i] for i in pick_frames(len(files), o.num_frames, self.train)]
             encoded = self.frames_on == "device"  # the step decodes them (nvjpeg on a GPU)
+            from torchvision.io import read_file
             images = [read_file(str(p)) for p in picked] if encoded else [read_frame(p) for p in picked]
         if self.frames_on == "device":
             return {"audio": audio, "visual": FramePayload.of(images, encoded, self.train, str(sample.frames))}

@@ -18,7 +18,6 @@ from collections import Counter
 import numpy as np
 import torch
 import torchaudio
-import torchvision.transforms.v2.functional as TF
 
 from blendtune.data.audio import MIN_CLIP_S, fit_to_window, read_clip
 from blendtune.data.audiovisual import SHORT_CLIP, Sample, scan, warn_short_clips
@@ -160,6 +159,7 @@ def load_pairs(test_speakers: list[str], window_s: float, sample_rate: int, pair
 def to_datasets(pairs: DigitPairs, sample_rate: int, n_fft: int, hop_length: int,
                 n_mels: int) -> tuple[MultimodalDataset, MultimodalDataset]:
     """Log-mel spectrograms and normalised images; train = every speaker not held for test."""
+    import torchvision.transforms.v2.functional as TF  # imported when used: it costs a second or two at every start
     audio = log_mel(pairs.waves, sample_rate, n_fft, hop_length, n_mels)
     image = TF.normalize(torch.from_numpy(np.ascontiguousarray(pairs.images, dtype=np.float32)).unsqueeze(1) / 255.0,
                          [MNIST_MEAN], [MNIST_STD])

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from blendtune.data.audio import read_clip
 from blendtune.errors import UserError
@@ -78,6 +77,7 @@ def _decode_frame(path: Path, size: int) -> torch.Tensor:
         image = decode_image(str(path), mode=ImageReadMode.RGB)
     except Exception as e:
         raise UserError(f"cannot decode JPEG file '{path}': {e}") from None
+    from torchvision.transforms.v2 import functional as TF
     return TF.resize(image, [size, size], antialias=True)
 
 

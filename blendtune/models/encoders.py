@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torchvision
 
 from blendtune.registry import Registry
 
@@ -49,6 +48,7 @@ class ResNet18(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, dropout: float = 0.0):
         super().__init__()
+        import torchvision  # imported when used: it costs a second or two at every start
         net = torchvision.models.resnet18(weights=None)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
