@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("experiment", nargs="?", help="experiment YAML")
     compare.add_argument("overrides", nargs="*", help="config overrides, key=value")
     compare.add_argument("--strategies", default="naive,gblend,ogm_ge",
-                         help="comma-separated; unimodal:MODALITY for one modality alone")
+                         help="comma-separated; unimodal:MODALITY for one modality alone; "
+                              "STRATEGY:KEY=VALUE[:KEY=VALUE] a variant with options (gblend:ema=0.5)")
     compare.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per strategy (5: a 95%% CI worth reading)")
     compare.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted comparison")
 
@@ -102,15 +103,31 @@ def _split_resume(args) -> list[str]:
 
 
 def strategy_variants(text: str) -> list[dict]:
+    """`naive,gblend,gblend:ema=0.5:floor=0.05,unimodal:audio` -> one config variant each. After the
+    strategy, `key=value` sets an option (a bare key is the strategy's own: `ema` is `gblend.ema`; a
+    dotted one any key: `optim.lr=0.01`); unimodal takes its modality bare."""
+    import yaml
     from blendtune.strategies import STRATEGIES
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, modality = item.partition(":")
+        name, *options = item.split(":")
         if name not in STRATEGIES:
             raise UserError(f"--strategies: unknown strategy {name!r}; expected {', '.join(STRATEGIES.names())}")
-        if name == "unimodal" and not modality:
+        variant = {"strategy": name}
+        for option in options:
+            key, equals, value = option.partition("=")
+            if not equals:
+                if name != "unimodal" or "unimodal.modality" in variant:
+                    raise UserError(f"--strategies: {item!r}: expected KEY=VALUE after the strategy, got {option!r}")
+                key, value = "unimodal.modality", option
+            else:
+                key, value = (key if "." in key else f"{name}.{key}"), yaml.safe_load(value)
+            variant[key] = value
+        if name == "unimodal" and "unimodal.modality" not in variant:
             raise UserError("--strategies: write unimodal:MODALITY, e.g. unimodal:audio")
-        variants.append({"strategy": name, **({"unimodal.modality": modality} if modality else {})})
+        if variant in variants:
+            raise UserError(f"--strategies: {item!r} is given twice")
+        variants.append(variant)
     if not variants:
         raise UserError("--strategies: give at least one strategy")
     return variants

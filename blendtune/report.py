@@ -17,11 +17,23 @@ from blendtune.config import ExperimentConfig, with_overrides
 from blendtune.errors import UserError
 from blendtune.evaluation import PREDICTION, score_name
 from blendtune.runs import load_sweep
-from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, trial_overrides
+from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, VARIANT, trial_overrides
 
 
-def strategy_label(cfg: ExperimentConfig) -> str:
-    return f"unimodal:{cfg.unimodal.modality}" if cfg.strategy == "unimodal" else cfg.strategy
+def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
+    """`naive`, `unimodal:audio`, or a compare variant with options as it was written:
+    `gblend:ema=0.5` (the strategy's own keys without their section)."""
+    if variant is None:
+        return f"unimodal:{cfg.unimodal.modality}" if cfg.strategy == "unimodal" else cfg.strategy
+    parts = [cfg.strategy]
+    for key, value in variant.items():
+        if key == "strategy":
+            continue
+        if key == "unimodal.modality":
+            parts.append(str(value))
+        else:
+            parts.append(f"{key.removeprefix(cfg.strategy + '.')}={value}")
+    return ":".join(parts)
 
 
 def tune_trial_ids(experiment: Path) -> set[str] | None:
@@ -55,7 +67,7 @@ def load_trials(run_dir: Path) -> list[dict]:
                     if "epoch" in row:
                         by_epoch[row["epoch"]] = row
         history = [by_epoch[e] for e in sorted(by_epoch)]
-        trials.append({"trial": params.parent.name, "label": strategy_label(cfg), "seed": cfg.seed,
+        trials.append({"trial": params.parent.name, "label": strategy_label(cfg, sample.get(VARIANT)), "seed": cfg.seed,
                        "strategy": cfg.strategy, "epochs_planned": cfg.train.epochs, "history": history,
                        "prediction_head": cfg.unimodal.modality if cfg.strategy == "unimodal" else
                        PREDICTION if any(f"/test/{PREDICTION}" in k for row in history[-1:] for k in row) else "fused"})

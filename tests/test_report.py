@@ -51,3 +51,23 @@ def test_train_predict_reports_the_prediction_head_every_epoch():
     chosen = [h for h in ("fused", "ensemble", "clean", "memorizable") if m[f"prediction/{h}"] == 1.0]
     assert len(chosen) == 1 and m["acc/test/prediction"] == m[f"acc/test/{chosen[0]}"]
     assert m["acc/held_out/prediction"] == max(m[f"acc/held_out/{h}"] for h in ("fused", "ensemble", "clean", "memorizable"))
+
+
+def test_compare_variants_carry_options_and_are_labelled_as_written():
+    from blendtune.cli import strategy_variants
+    from blendtune.config import load_config, with_overrides
+    from blendtune.errors import UserError
+    from blendtune.report import strategy_label
+    text = "naive,gblend,gblend:ema=0.5:floor=0.05,gblend:optim.lr=0.01,unimodal:audio"
+    variants = strategy_variants(text)
+    assert variants[2] == {"strategy": "gblend", "gblend.ema": 0.5, "gblend.floor": 0.05}
+    assert variants[3] == {"strategy": "gblend", "optim.lr": 0.01}
+    assert variants[4] == {"strategy": "unimodal", "unimodal.modality": "audio"}
+    base = load_config(None, ["data.dataset=avdigits"])
+    labels = [strategy_label(with_overrides(base, v), v) for v in variants]
+    assert labels == text.split(",")
+    assert with_overrides(base, variants[2]).gblend.ema == 0.5
+    for bad, message in (("gblend:ema", "expected KEY=VALUE"), ("unimodal", "unimodal:MODALITY"),
+                         ("naive,naive", "given twice"), ("nope:x=1", "unknown strategy")):
+        with pytest.raises(UserError, match=message):
+            strategy_variants(bad)

@@ -98,7 +98,7 @@ def test_wandb_offline_run_has_ogr_and_blend_weight_series(tmp_path):
 
 
 def test_compare_writes_table_csv_plots_and_report_rebuilds(tmp_path):
-    proc = blendtune("compare", "experiments/synthetic_gblend.yaml", "--strategies", "naive,gblend,unimodal:clean",
+    proc = blendtune("compare", "experiments/synthetic_gblend.yaml", "--strategies", "naive,gblend:ema=0.5,unimodal:clean",
                      "--seeds", "2", *SMALL, "train.epochs=2", "gblend.warmup=0", "gblend.super_epoch=1",
                      f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -106,7 +106,7 @@ def test_compare_writes_table_csv_plots_and_report_rebuilds(tmp_path):
     rows = (run_dir / "results.csv").read_text().splitlines()
     assert rows[0].startswith("trial,strategy,seed,epochs,final_acc_clean") and len(rows) == 1 + 6
     report = (run_dir / "report.md").read_text()
-    for label in ("| naive | 2 |", "| gblend | 2 |", "| unimodal:clean | 2 |"):
+    for label in ("| naive | 2 |", "| gblend:ema=0.5 | 2 |", "| unimodal:clean | 2 |"):  # a variant as written
         assert label in report
     for png in ("blend_weights.png", "ogr.png", "losses.png"):
         assert (run_dir / png).stat().st_size > 1000 and f"]({png})" in report
