@@ -41,7 +41,7 @@ def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str
     if lr_range:  # the spaces' lr range is written for AV-digits' Adam; SGD settings need their own
         space["optim.lr"] = {"loguniform": list(lr_range)}
     _, results = blendtune.sweep(space, experiment, [f"strategy={strategy}", f"sweep.num_samples={trials}",
-                                                     f"sweep.scheduler={scheduler}", "sweep.search=random", f"output_dir={out}", "wandb=false",
+                                                     f"sweep.scheduler={scheduler}", f"sweep.metric={METRIC}", "sweep.search=random", f"output_dir={out}", "wandb=false",
                                                      *extra])
     scores = [r.metrics.get(METRIC) for r in results if r.metrics]
     best = results.get_best_result(metric=METRIC, mode="max", scope="last")
@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/tuned_compare")
     parser.add_argument("--lr-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="replace every space's optim.lr range (loguniform), the same for every strategy")
-    parser.add_argument("--scheduler", choices=["asha", "none"], default="asha",
-                        help="asha: the sweeps' default early stopping (sweep.grace_period / reduction_factor)")
+    parser.add_argument("--scheduler", choices=["asha", "none"], default="none",
+                        help="asha: early stopping on the selection metric (sweep.grace_period / reduction_factor)")
     parser.add_argument("overrides", nargs="*", help="key=value for every sweep and comparison")
     args = parser.parse_intermixed_args()
     out = Path(args.out)

@@ -105,8 +105,8 @@ def _split_resume(args) -> list[str]:
 def strategy_variants(text: str) -> list[dict]:
     """`naive,gblend,gblend:ema=0.5:floor=0.05,unimodal:audio` -> one config variant each. After the
     strategy, `key=value` sets an option (a bare key is the strategy's own: `ema` is `gblend.ema`; a
-    dotted one any key: `optim.lr=0.01`); unimodal takes its modality bare."""
-    import yaml
+    dotted one any key: `optim.lr=0.01`; no lists: commas separate variants); unimodal takes its modality bare."""
+    from blendtune.config import override_value
     from blendtune.strategies import STRATEGIES
     variants = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -121,7 +121,9 @@ def strategy_variants(text: str) -> list[dict]:
                     raise UserError(f"--strategies: {item!r}: expected KEY=VALUE after the strategy, got {option!r}")
                 key, value = "unimodal.modality", option
             else:
-                key, value = (key if "." in key else f"{name}.{key}"), yaml.safe_load(value)
+                key, value = (key if "." in key else f"{name}.{key}"), override_value(value, f"--strategies: {item!r}")
+            if key in variant:
+                raise UserError(f"--strategies: {item!r} sets {key} twice")
             variant[key] = value
         if name == "unimodal" and "unimodal.modality" not in variant:
             raise UserError("--strategies: write unimodal:MODALITY, e.g. unimodal:audio")
@@ -148,7 +150,7 @@ def sweep_command(args) -> Path:
 
 def compare_command(args) -> Path:
     from blendtune.config import load_config, with_overrides
-    from blendtune.report import write_report
+    from blendtune.report import strategy_label, write_report
     from blendtune.runs import create_sweep_dir
     from blendtune.sweeps import Distribution
 
@@ -160,8 +162,15 @@ def compare_command(args) -> Path:
         variants = strategy_variants(args.strategies)
         cfg = load_config(args.experiment, args.overrides)
         cfg = with_overrides(cfg, {"sweep.search": "grid", "sweep.scheduler": "none", "sweep.num_samples": 1})
+        labels = []
         for variant in variants:  # fail before starting Ray, not inside a trial
-            with_overrides(cfg, variant)
+            try:
+                labels.append(strategy_label(with_overrides(cfg, variant), variant))
+            except UserError as e:
+                raise UserError(f"--strategies: {strategy_label(cfg, variant)}: {e}") from None
+        if len(set(labels)) < len(labels):  # the report groups trials by label
+            raise UserError(f"--strategies: {sorted({l for l in labels if labels.count(l) > 1})} would be one row: "
+                            "give each variant once")
         space = {"seed": Distribution("grid", tuple(range(args.seeds)))}
         return create_sweep_dir(cfg, space, variants, kind="compare"), cfg, space, variants
     run_dir = _run_sweep_command(args, new_comparison, "compare")

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from blendtune.data import DATASETS
+from blendtune.data.base import absolute_root
 from blendtune.devices import PRECISIONS
 from blendtune.errors import OptionError, UserError
 from blendtune.evaluation import PREDICT_RULES
@@ -161,14 +163,23 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
     if overrides:
         try:
             dotlist = OmegaConf.from_dotlist(list(overrides))
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, yaml.YAMLError) as e:  # `key=[1` fails in OmegaConf's YAML parser
             raise UserError(f"command-line overrides: {_first_line(e)}") from None
         cfg = _merge(cfg, dotlist, "command line")
     obj = OmegaConf.to_object(cfg)
     if obj.data.root:  # relative to where the user typed it: Ray runs trials in their own directories
-        obj.data.root = str(Path(obj.data.root).expanduser().resolve())
+        obj.data.root = absolute_root(obj.data.root)
     validate(obj)
     return obj
+
+
+def override_value(text: str, source: str):
+    """One `key=value` override's value as the command line reads it (OmegaConf's grammar: `1e-3` is a
+    float, `true` a bool, `'1'` a string), for overrides written inside another argument."""
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+    except (OmegaConfBaseException, yaml.YAMLError) as e:  # `[1` fails in OmegaConf's YAML parser
+        raise UserError(f"{source}: {_first_line(e)}") from None
 
 
 def config_from_dict(data: dict) -> ExperimentConfig:

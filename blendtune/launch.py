@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from blendtune import distributed, worker
+from blendtune.data.base import absolute_root
 from blendtune.devices import wants_gpu
 from blendtune.errors import UserError
 from blendtune.loop import Trainer
@@ -139,8 +140,8 @@ def worker_env(local: bool) -> dict[str, str]:
     if local:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
             [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
-        if os.environ.get("BLENDTUNE_DATA_ROOT"):
-            env["BLENDTUNE_DATA_ROOT"] = str(Path(os.environ["BLENDTUNE_DATA_ROOT"]).expanduser().resolve())
+        if os.environ.get("BLENDTUNE_DATA_ROOT"):  # a remote cluster's workers read their own environment
+            env["BLENDTUNE_DATA_ROOT"] = absolute_root(os.environ["BLENDTUNE_DATA_ROOT"])
     return env
 
 

@@ -98,6 +98,7 @@ def test_wandb_after_resuming_from_an_older_checkpoint_has_each_epoch_once(tmp_p
     (["train", "experiments/synthetic_naive.yaml", "optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
     (["train", "experiments/synthetic_naive.yaml", "train.epochs=many"], "config key 'train.epochs'"),
     (["train", "experiments/nope.yaml"], "experiment file not found"),
+    (["train", "experiments/synthetic_naive.yaml", "optim.lr=[1"], "command-line overrides"),  # YAML's own error
     (["train", "experiments/synthetic_naive.yaml", "strategy=unimodal", "unimodal.modality=smell"],
      "config key 'unimodal.modality': expected one of clean, memorizable"),
     (["train", "experiments/synthetic_naive.yaml", "data.held_out_ratio=1.5"],

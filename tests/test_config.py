@@ -118,6 +118,8 @@ def test_relative_data_roots_reach_ray_trials_as_absolute_paths(tmp_path, monkey
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     cfg = load_config(None, ["data.root=../data"])
-    assert cfg.data.root == str(tmp_path / "data")
+    assert Path(cfg.data.root).is_absolute() and Path(cfg.data.root).resolve() == (tmp_path / "data").resolve()
     monkeypatch.setenv("BLENDTUNE_DATA_ROOT", "../data")
-    assert worker_env(local=True)["BLENDTUNE_DATA_ROOT"] == str(tmp_path / "data")
+    root = Path(worker_env(local=True)["BLENDTUNE_DATA_ROOT"])
+    assert root.is_absolute() and root.resolve() == (tmp_path / "data").resolve()
+    assert load_config(None, ["data.root=s3://bucket/data"]).data.root == "s3://bucket/data"

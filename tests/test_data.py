@@ -112,6 +112,7 @@ def test_pca_energy_removal_keeps_leading_components_fit_on_training_rows_only()
     assert np.linalg.matrix_rank(kept.reshape(300, -1) - kept[fit].reshape(200, -1).mean(0), tol=1e-3) == 1
     assert 0.7 < share(remove_pca_energy(images, fit, 0.15)) < 0.85  # two components (~77%)
     np.testing.assert_allclose(remove_pca_energy(images, fit, 0.0), images, atol=1e-4)
+    np.testing.assert_allclose(remove_pca_energy(images, fit, 1e-17), images, atol=1e-4)  # below float precision
     # the PCA sees the training rows only: other rows changing leaves the training images alone
     moved = images.copy()
     moved[~fit] *= 10

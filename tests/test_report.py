@@ -62,12 +62,29 @@ def test_compare_variants_carry_options_and_are_labelled_as_written():
     variants = strategy_variants(text)
     assert variants[2] == {"strategy": "gblend", "gblend.ema": 0.5, "gblend.floor": 0.05}
     assert variants[3] == {"strategy": "gblend", "optim.lr": 0.01}
+    assert strategy_variants("mla:optim.lr=3e-4")[0]["optim.lr"] == 3e-4  # read as the command line reads it
     assert variants[4] == {"strategy": "unimodal", "unimodal.modality": "audio"}
     base = load_config(None, ["data.dataset=avdigits"])
     labels = [strategy_label(with_overrides(base, v), v) for v in variants]
     assert labels == text.split(",")
     assert with_overrides(base, variants[2]).gblend.ema == 0.5
     for bad, message in (("gblend:ema", "expected KEY=VALUE"), ("unimodal", "unimodal:MODALITY"),
-                         ("naive,naive", "given twice"), ("nope:x=1", "unknown strategy")):
+                         ("naive,naive", "given twice"), ("nope:x=1", "unknown strategy"),
+                         ("gblend:ema=0.5:ema=0.6", "sets gblend.ema twice"), ("gblend:ema=[1", "--strategies")):
         with pytest.raises(UserError, match=message):
             strategy_variants(bad)
+
+
+def test_compare_refuses_variants_that_would_share_a_row_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", "experiments/synthetic_gblend.yaml",
+                           "--strategies", "gblend:super_epoch=1,gblend:super_epoch='1'",
+                           f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "would be one row" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", "experiments/synthetic_gblend.yaml",
+                           "--strategies", "naive,gblend:nope=1", f"output_dir={tmp_path}"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 2 and "--strategies: gblend:nope=1: 'gblend.nope' is not a config key" in proc.stderr
+    assert not any(tmp_path.iterdir())

@@ -10,6 +10,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 import os
 import sys
 
@@ -27,6 +28,9 @@ from blendtune.errors import OptionError, UserError
 SHORT_CLIP = "short clip"  # decodable, so training only warns; `data check` lists it as a problem
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SPLITS = ("train", "test")
+
+if TYPE_CHECKING:  # torchvision is imported where used: it costs seconds at every start
+    from torchvision.transforms import v2
 
 
 @dataclass
@@ -167,7 +171,7 @@ def warn_short_clips(short: list[Problem]) -> None:
               "they train padded; `blendtune data check` lists them", file=sys.stderr, flush=True)
 
 
-def frame_transform(size: int, train: bool) -> "v2.Compose":
+def frame_transform(size: int, train: bool) -> v2.Compose:
     """uint8 (3, H, W) -> normalised float (3, size, size): a random crop and flip in training, a resize
     in evaluation (the OGM-GE recipe). The same transform runs in loader workers or on the device."""
     from torchvision.transforms import v2

@@ -13,6 +13,7 @@ Pairing by digit, speaker split, features and options otherwise as AV-digits (`b
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -32,6 +33,8 @@ class AVMNISTOptions(AVDigitsOptions):
     def validate(self) -> None:
         if not 0.0 <= self.image_energy_removed < 1.0:
             raise OptionError("image_energy_removed", f"expected 0 <= value < 1, got {self.image_energy_removed}")
+        if not math.isfinite(self.snr_db):
+            raise OptionError("snr_db", f"expected a finite number of dB, got {self.snr_db}")
 
 
 def remove_pca_energy(images: np.ndarray, fit_rows: np.ndarray, fraction: float) -> np.ndarray:
@@ -42,7 +45,8 @@ def remove_pca_energy(images: np.ndarray, fit_rows: np.ndarray, fraction: float)
     mean = flat[fit_rows].mean(axis=0)
     _, singular, components = np.linalg.svd(flat[fit_rows] - mean, full_matrices=False)
     explained = np.cumsum(singular ** 2) / np.sum(singular ** 2)
-    keep = len(explained) if fraction <= 0 else max(1, int(np.argmax(explained > 1.0 - fraction)))
+    over = explained > 1.0 - fraction  # none when fraction is below float precision: keep everything
+    keep = len(explained) if fraction <= 0 or not over.any() else max(1, int(np.argmax(over)))
     basis = components[:keep]
     rebuilt = mean + (flat - mean) @ basis.T @ basis
     return rebuilt.reshape(images.shape).astype(np.float32)

@@ -153,6 +153,12 @@ class Splits:
         return dict(getattr(self.train, "device_transforms", {}) or {})
 
 
+def absolute_root(path: str) -> str:
+    """`~/data` or `../data` made absolute (symlinks kept as written), for processes that run elsewhere
+    (Ray trials run in their own directories); a URL (`s3://...`) unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def data_root(root: str | None) -> Path:
     root = root or os.environ.get("BLENDTUNE_DATA_ROOT")
     if not root:
