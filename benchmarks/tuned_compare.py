@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -60,15 +61,24 @@ def main() -> None:
                         help="replace every space's optim.lr range (loguniform), the same for every strategy")
     parser.add_argument("--scheduler", choices=["asha", "none"], default="none",
                         help="asha: early stopping on the selection metric (sweep.grace_period / reduction_factor)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the sweeps and comparisons already finished under --out (its payload.json)")
     parser.add_argument("overrides", nargs="*", help="key=value for every sweep and comparison")
     args = parser.parse_intermixed_args()
     out = Path(args.out)
     payload = {"experiment": args.experiment, "lr_range": args.lr_range, "trials": args.trials, "seeds": args.seeds,
                "scheduler": args.scheduler, "strategies": {}}
+    saved = out / "payload.json"  # written after every sweep and comparison: --resume continues from it
+    if args.resume and saved.is_file():
+        payload = json.loads(saved.read_text())
     for strategy in args.strategies:
+        if strategy in payload["strategies"]:
+            continue
         chosen, scores, seconds = tune(strategy, args.experiment, args.trials, out / "sweeps", args.overrides,
                                        args.lr_range, args.scheduler)
         payload["strategies"][strategy] = {"chosen": chosen, "held_out_scores": scores, "sweep_s": seconds}
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(payload, indent=1))
         print(f"{strategy}: chose {chosen} (held-out {max(s for s in scores if s is not None):.3f}, {seconds:.0f} s)",
               flush=True)
     # One comparison per strategy with its chosen overrides (compare applies overrides to every strategy).
@@ -76,6 +86,9 @@ def main() -> None:
     table = ["| strategy | chosen (held-out) | fused test acc % | ensemble % | vs tuned naive | wins | sweep + compare s |",
              "|---|---|---|---|---|---|---|"]
     for strategy, entry in payload["strategies"].items():
+        if "fused" in entry:
+            scores[strategy] = {int(k): v for k, v in entry["fused"].items()}
+            continue
         overrides = [f"{k}={v}" for k, v in entry["chosen"].items()]
         began = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", args.experiment, "--strategies",
@@ -90,6 +103,7 @@ def main() -> None:
         scores[strategy] = {int(r["seed"]): float(r["final_acc_fused"]) for r in rows}
         entry["fused"] = scores[strategy]
         entry["ensemble"] = {int(r["seed"]): float(r["final_acc_ensemble"]) for r in rows}
+        saved.write_text(json.dumps(payload, indent=1))
     differences = {d.label: d for d in paired_differences(scores, baseline=args.strategies[0])}
     for strategy, entry in payload["strategies"].items():
         fused, fused_ci = mean_ci([100 * v for v in entry["fused"].values()])
