@@ -82,12 +82,8 @@ def main() -> None:
         print(f"{strategy}: chose {chosen} (held-out {max(s for s in scores if s is not None):.3f}, {seconds:.0f} s)",
               flush=True)
     # One comparison per strategy with its chosen overrides (compare applies overrides to every strategy).
-    scores: dict[str, dict[int, float]] = {}
-    table = ["| strategy | chosen (held-out) | fused test acc % | ensemble % | vs tuned naive | wins | sweep + compare s |",
-             "|---|---|---|---|---|---|---|"]
     for strategy, entry in payload["strategies"].items():
         if "fused" in entry:
-            scores[strategy] = {int(k): v for k, v in entry["fused"].items()}
             continue
         overrides = [f"{k}={v}" for k, v in entry["chosen"].items()]
         began = time.perf_counter()
@@ -100,12 +96,20 @@ def main() -> None:
         entry["compare_dir"], entry["compare_s"] = str(run_dir), time.perf_counter() - began
         with open(run_dir / "results.csv") as f:
             rows = [r for r in csv.DictReader(f) if int(r["epochs"]) > 0]
-        scores[strategy] = {int(r["seed"]): float(r["final_acc_fused"]) for r in rows}
-        entry["fused"] = scores[strategy]
+        entry["fused"] = {int(r["seed"]): float(r["final_acc_fused"]) for r in rows}
         entry["ensemble"] = {int(r["seed"]): float(r["final_acc_ensemble"]) for r in rows}
         saved.write_text(json.dumps(payload, indent=1))
-    differences = {d.label: d for d in paired_differences(scores, baseline=args.strategies[0])}
-    for strategy, entry in payload["strategies"].items():
+    summarise(payload, args.strategies[0])
+
+
+def summarise(payload: dict, baseline: str) -> None:
+    """The table of every strategy whose comparison finished (the others are listed as unfinished)."""
+    table = ["| strategy | chosen (held-out) | fused test acc % | ensemble % | vs tuned naive | wins | sweep + compare s |",
+             "|---|---|---|---|---|---|---|"]
+    finished = {name: entry for name, entry in payload["strategies"].items() if "fused" in entry}
+    scores = {name: {int(k): v for k, v in entry["fused"].items()} for name, entry in finished.items()}
+    differences = {d.label: d for d in paired_differences(scores, baseline=baseline)}
+    for strategy, entry in finished.items():
         fused, fused_ci = mean_ci([100 * v for v in entry["fused"].values()])
         ens, ens_ci = mean_ci([100 * v for v in entry["ensemble"].values()])
         d = differences.get(strategy)
@@ -115,12 +119,13 @@ def main() -> None:
         table.append(f"| {strategy} | {chosen} ({100 * max(x for x in entry['held_out_scores'] if x is not None):.1f}) "
                      f"| {fused:.1f} ± {fused_ci:.1f} | {ens:.1f} ± {ens_ci:.1f} | {diff} | "
                      f"{'' if d is None else f'{d.wins}/{d.seeds}'} | {entry['sweep_s'] + entry['compare_s']:.0f} |")
-    write(f"tuned_compare_{Path(args.experiment).stem}", payload, table,
-          f"Experiment {args.experiment}; {args.trials} random-search trials per strategy over its search space "
-          f"({'ASHA early stopping' if args.scheduler == 'asha' else 'no early stopping'}) "
-          f"(selected on {METRIC}), then {args.seeds} seeds; mean ± 95% CI; difference to tuned "
-          f"{args.strategies[0]} paired by seed (bold: the CI excludes 0).")
-
+    unfinished = [name for name in payload["strategies"] if name not in finished]
+    write(f"tuned_compare_{Path(payload['experiment']).stem}", payload, table,
+          f"Experiment {payload['experiment']}; {payload['trials']} random-search trials per strategy over its search "
+          f"space ({'ASHA early stopping' if payload.get('scheduler') == 'asha' else 'no early stopping'}) "
+          f"(selected on {METRIC}), then {payload['seeds']} seeds; mean ± 95% CI; difference to tuned "
+          f"{baseline} paired by seed (bold: the CI excludes 0)."
+          + (f" Sweeps whose comparison did not finish: {', '.join(unfinished)}." if unfinished else ""))
 
 if __name__ == "__main__":
     main()
