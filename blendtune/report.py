@@ -21,10 +21,11 @@ from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, VARIANT, trial_overrides
 
 
 def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
-    """`naive`, `unimodal:audio`, or a compare variant with options as it was written:
-    `gblend:ema=0.5` (the strategy's own keys without their section)."""
+    """`naive`, `unimodal:audio`, or a compare variant with its options: `gblend:ema=0.5` (the
+    strategy's own keys without their section). A run without a variant is labelled by its strategy."""
     if variant is None:
-        return f"unimodal:{cfg.unimodal.modality}" if cfg.strategy == "unimodal" else cfg.strategy
+        variant = {"strategy": cfg.strategy, **({"unimodal.modality": cfg.unimodal.modality}
+                                                if cfg.strategy == "unimodal" else {})}
     parts = [cfg.strategy]
     for key, value in variant.items():
         if key == "strategy":
