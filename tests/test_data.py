@@ -157,3 +157,19 @@ def test_avmnist_images_keep_under_a_quarter_of_their_variance_and_still_show_th
     means = torch.stack([train.inputs["image"][train.targets == d].flatten(1).mean(0) for d in range(10)])
     accuracy = (torch.cdist(test.inputs["image"].flatten(1), means).argmin(1) == test.targets).float().mean()
     assert 0.3 < accuracy < 0.9  # weaker than the clean images' nearest class mean, far above chance
+
+
+@needs_data
+def test_three_test_speakers_leave_two_training_voices_and_hold_out_the_third():
+    # experiments/avdigits_three_speakers_naive.yaml, the benchmark where naive fusion falls below image
+    # alone: the audio encoder trains on two voices, held-out selection sees a third, test three more.
+    from pathlib import Path
+    from blendtune.config import load_config
+    from blendtune.worker import build_data
+    experiment = Path(__file__).resolve().parents[1] / "experiments" / "avdigits_three_speakers_naive.yaml"
+    for seed in (0, 1):
+        splits = build_data(load_config(str(experiment), [f"seed={seed}"]))
+        train, held, test = (set(s.groups) for s in (splits.train, splits.held_out, splits.test))
+        assert test == {"george", "jackson", "lucas"} and len(train) == 2 and len(held) == 1
+        assert not train & held and (train | held) == {"nicolas", "theo", "yweweler"}
+        assert len(splits.train) == 1000 and len(splits.held_out) == 500 and len(splits.test) == 1500
