@@ -88,3 +88,24 @@ def test_a_unimodal_head_at_weight_zero_keeps_learning_as_a_probe_only():
     (0.5 * torch.nn.functional.cross_entropy(out.logits[FUSED], targets)).backward()
     for g, p in zip(grads, model.encoders["memorizable"].parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_the_fused_head_at_weight_zero_keeps_learning_and_sends_its_encoders_nothing():
+    # Three-speaker AV-digits: once the fused head's weight swung to 0 it stopped training while the
+    # encoders under it moved on, and the prediction decayed (73.5% vs the image head's 94.3%).
+    import torch
+    from blendtune.models import FUSED
+    trainer = build_trainer(load_config(None, SETTING + ["train.epochs=1"]))
+    strategy, model = trainer.strategy, trainer.model
+    strategy.weights = {"clean": 0.5, "memorizable": 0.5, FUSED: 0.0}
+    inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
+    model.zero_grad()
+    strategy.loss(model(inputs), targets, epoch=1).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion.parameters())
+    grads = {n: p.grad.clone() for n, p in model.encoders.named_parameters()}
+    model.zero_grad()
+    out = model(inputs)
+    ce = torch.nn.functional.cross_entropy
+    (0.5 * ce(out.logits["clean"], targets) + 0.5 * ce(out.logits["memorizable"], targets)).backward()
+    for n, p in model.encoders.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)

@@ -84,12 +84,18 @@ class GBlend(BalancingStrategy):
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         losses = head_losses(out, targets, self.heads)
         blended = sum(self.weights[h] * losses[h] for h in self.heads)
-        # A uni-modal head at weight 0 would stop learning, yet it is also the probe OGR and the next
-        # estimate read: it trains on detached features, so no gradient reaches its encoder.
-        idle = [m for m in self.model.modalities if self.weights[m] == 0.0]
-        for m in idle:
-            blended = blended + classification_loss(self.model.heads[m](out.features[m].detach()), targets)
+        # A head at weight 0 would stop learning while the encoders under it keep changing, yet it is
+        # read: a uni-modal head is the probe OGR and the next estimate measure, the fused head is the
+        # prediction. It trains on detached features, so the encoders get exactly the blended gradient.
+        for h in self.heads:
+            if self.weights[h] == 0.0:
+                blended = blended + classification_loss(self._head_on_detached(h, out.features), targets)
         return blended
+
+    def _head_on_detached(self, head: str, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        if head == FUSED:
+            return self.model.fusion({m: f.detach() for m, f in features.items()})
+        return self.model.heads[head](features[head].detach())
 
     def is_boundary(self, epoch: int) -> bool:
         """Super-epochs start at 0 (when there is a warm-up), at `warmup`, then every `super_epoch`."""
