@@ -66,8 +66,9 @@ def run(cfg, spec: RunSpec) -> dict:
             print(f"resuming at epoch {trainer.epoch + 1} of {cfg.train.epochs}", flush=True)
     loggers = list(spec.extra_loggers)
     if distributed.rank() == 0 and spec.log_dir is not None:
-        loggers += epoch_loggers(cfg, Path(spec.log_dir), trainer.epoch if spec.restore is not None else None,
-                                 trainer.model.head_names, spec)
+        # metrics.jsonl keeps only the epochs of the state training goes on from: a Ray worker restarted
+        # before its first checkpoint was registered starts at epoch 0 and must not append to the old lines
+        loggers += epoch_loggers(cfg, Path(spec.log_dir), trainer.epoch, trainer.model.head_names, spec)
     trainer.callbacks = loggers + ([lambda metrics: spec.report(metrics, trainer)] if spec.report else [])
     try:
         return trainer.fit()

@@ -135,8 +135,11 @@ def test_more_loader_workers_than_cpus_are_capped_with_one_note(capsys):
 def test_ctrl_c_names_the_run_to_resume(tmp_path):
     args = ["train", "experiments/synthetic_naive.yaml", *TINY, "train.epochs=50", "data.synthetic.num_train=20000",
             f"output_dir={tmp_path}"]
+    # A shell's background job (`make test &`, nohup) ignores SIGINT, and Python then installs no Ctrl-C
+    # handler in the child: give it the default disposition a terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "blendtune.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = proc.stdout.readline().split("run dir: ")[1].strip()
     deadline = time.time() + 120
     while not (Path(run_dir) / "checkpoints" / "last.pt").exists() and time.time() < deadline:
@@ -146,3 +149,14 @@ def test_ctrl_c_names_the_run_to_resume(tmp_path):
     assert proc.returncode == 130
     assert f"resume with `blendtune train --resume {run_dir}`" in err
     assert torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)["epoch"] >= 1
+
+
+def test_a_worker_restarted_before_its_first_checkpoint_rewrites_the_metrics_file(tmp_path):
+    # A Ray Train worker killed before its first checkpoint was registered restarts at epoch 0 in the same
+    # directory: the epochs its first attempt logged must go, not be followed by a second epoch 1.
+    import json
+    from blendtune.worker import RunSpec, run
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2)))
+    run(load_config(None, TINY + ["train.epochs=2", "wandb=false", "train.progress=false"]), RunSpec(log_dir=tmp_path))
+    epochs = [m["epoch"] for m in read_metrics(tmp_path / "metrics.jsonl")]
+    assert epochs == [1, 2] and "acc/test/fused" in read_metrics(tmp_path / "metrics.jsonl")[0]
