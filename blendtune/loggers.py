@@ -22,13 +22,14 @@ def _json_safe(value):
 
 
 class MetricsFile:
-    """Appends one JSON object per epoch. On resume, drops epochs after the checkpoint being resumed."""
+    """Appends one JSON object per epoch. Opening it drops the epochs after `from_epoch`, the epoch
+    training goes on from (a resumed checkpoint's, or 0 for a fresh start in a reused directory)."""
 
-    def __init__(self, path: Path, resume_epoch: int | None = None):
+    def __init__(self, path: Path, from_epoch: int = 0):
         self.path = path
-        if resume_epoch is not None and path.exists():
+        if path.exists():
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= resume_epoch]
+                    if line.strip() and json.loads(line)["epoch"] <= from_epoch]
             path.write_text("".join(line + "\n" for line in kept))
 
     def __call__(self, metrics: dict) -> None:

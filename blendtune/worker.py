@@ -76,9 +76,9 @@ def run(cfg, spec: RunSpec) -> dict:
         close_loggers(loggers)
 
 
-def epoch_loggers(cfg, log_dir: Path, resume_epoch: int | None, heads: list[str], spec: RunSpec) -> list:
+def epoch_loggers(cfg, log_dir: Path, from_epoch: int, heads: list[str], spec: RunSpec) -> list:
     """What the rank-0 process does with each epoch's metrics: metrics.jsonl, the table, W&B."""
-    loggers: list = [MetricsFile(log_dir / METRICS_FILE, resume_epoch)]
+    loggers: list = [MetricsFile(log_dir / METRICS_FILE, from_epoch)]
     if spec.table:
         loggers.append(EpochTable(heads))
     if cfg.wandb:

@@ -71,21 +71,30 @@ def test_stabiliser_options_are_validated():
         build_trainer(load_config(None, TINY + ["strategy=gblend", "gblend.floor=0.4"]))  # 3 heads x 0.4 > 1
 
 
-def test_a_unimodal_head_at_weight_zero_keeps_learning_as_a_probe_only():
-    import torch
-    from blendtune.models import FUSED
+def _blended_backward(weights: dict):
+    """One batch of the setting's G-Blend loss backward with these head weights, and a function that runs
+    the same batch's `reference` loss (from the model's logits) backward after zeroing the gradients."""
     trainer = build_trainer(load_config(None, SETTING + ["train.epochs=1"]))
     strategy, model = trainer.strategy, trainer.model
-    strategy.weights = {"clean": 0.5, "memorizable": 0.0, FUSED: 0.5}
+    strategy.weights = weights
     inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
     model.zero_grad()
     strategy.loss(model(inputs), targets, epoch=1).backward()
+
+    def backward_reference(reference):
+        model.zero_grad()
+        reference(model(inputs).logits, targets).backward()
+    return model, backward_reference
+
+
+def test_a_unimodal_head_at_weight_zero_keeps_learning_as_a_probe_only():
+    import torch
+    from blendtune.models import FUSED
+    model, backward_reference = _blended_backward({"clean": 0.5, "memorizable": 0.0, FUSED: 0.5})
     assert model.heads["memorizable"].weight.grad.abs().sum() > 0           # the head learns
     # ...but its encoder gets only the fused head's gradient: compare with the fused loss alone
     grads = [p.grad.clone() for p in model.encoders["memorizable"].parameters()]
-    model.zero_grad()
-    out = model(inputs)
-    (0.5 * torch.nn.functional.cross_entropy(out.logits[FUSED], targets)).backward()
+    backward_reference(lambda logits, y: 0.5 * torch.nn.functional.cross_entropy(logits[FUSED], y))
     for g, p in zip(grads, model.encoders["memorizable"].parameters()):
         torch.testing.assert_close(g, p.grad)
 
@@ -95,17 +104,10 @@ def test_the_fused_head_at_weight_zero_keeps_learning_and_sends_its_encoders_not
     # encoders under it moved on, and the prediction decayed (73.5% vs the image head's 94.3%).
     import torch
     from blendtune.models import FUSED
-    trainer = build_trainer(load_config(None, SETTING + ["train.epochs=1"]))
-    strategy, model = trainer.strategy, trainer.model
-    strategy.weights = {"clean": 0.5, "memorizable": 0.5, FUSED: 0.0}
-    inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
-    model.zero_grad()
-    strategy.loss(model(inputs), targets, epoch=1).backward()
+    model, backward_reference = _blended_backward({"clean": 0.5, "memorizable": 0.5, FUSED: 0.0})
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.fusion.parameters())
     grads = {n: p.grad.clone() for n, p in model.encoders.named_parameters()}
-    model.zero_grad()
-    out = model(inputs)
     ce = torch.nn.functional.cross_entropy
-    (0.5 * ce(out.logits["clean"], targets) + 0.5 * ce(out.logits["memorizable"], targets)).backward()
+    backward_reference(lambda logits, y: 0.5 * ce(logits["clean"], y) + 0.5 * ce(logits["memorizable"], y))
     for n, p in model.encoders.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=n)
