@@ -3,6 +3,8 @@ trials over its own search space (`search_spaces/<strategy>.yaml`, which all inc
 random search (stopped early by ASHA, `--scheduler asha`, or every trial run to the end: `none`),
 selected on held-out accuracy of the fused head (never test), then the chosen configuration re-run over
 `--seeds` seeds with `blendtune compare`; one table of mean ± 95% CI and paired differences to tuned naive.
+`unimodal:MODALITY` is tuned the same way (the naive space: the learning rate) on that modality's head.
+Each strategy's comparison runs right after its sweep, so a stopped run keeps whole strategies.
 
     python benchmarks/tuned_compare.py experiments/synthetic_imbalanced_gblend.yaml \\
         --strategies naive mmpareto pmr mla ogm_ge gblend --trials 8 --seeds 5
@@ -30,22 +32,33 @@ from blendtune.report import mean_ci, paired_differences  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE_OF = {"ogm_ge": "ogm", "ogm": "ogm"}  # strategies sharing a space file
-METRIC = "acc/held_out/fused"
+
+def prediction_head(strategy: str) -> str:
+    """The head a strategy is selected and scored on: the fused one, or `unimodal:MODALITY`'s own."""
+    name, _, modality = strategy.partition(":")
+    return modality if name == "unimodal" else "fused"
+
+
+def strategy_overrides(strategy: str) -> list[str]:
+    name, _, modality = strategy.partition(":")
+    return [f"strategy={name}"] + ([f"unimodal.modality={modality}"] if name == "unimodal" else [])
 
 
 def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str],
          lr_range: tuple[float, float] | None, scheduler: str) -> tuple[dict, list[float], float]:
     """The best configuration of one strategy's sweep, by held-out fused accuracy at its last epoch."""
     began = time.perf_counter()
-    space_file = REPO / "search_spaces" / f"{SPACE_OF.get(strategy, strategy)}.yaml"
+    metric = f"acc/held_out/{prediction_head(strategy)}"
+    name = strategy.partition(":")[0]
+    space_file = REPO / "search_spaces" / f"{SPACE_OF.get(name, 'naive' if name == 'unimodal' else name)}.yaml"
     space = yaml.safe_load(space_file.read_text())
     if lr_range:  # the spaces' lr range is written for AV-digits' Adam; SGD settings need their own
         space["optim.lr"] = {"loguniform": list(lr_range)}
-    _, results = blendtune.sweep(space, experiment, [f"strategy={strategy}", f"sweep.num_samples={trials}",
-                                                     f"sweep.scheduler={scheduler}", f"sweep.metric={METRIC}", "sweep.search=random", f"output_dir={out}", "wandb=false",
-                                                     *extra])
-    scores = [r.metrics.get(METRIC) for r in results if r.metrics]
-    best = results.get_best_result(metric=METRIC, mode="max", scope="last")
+    _, results = blendtune.sweep(space, experiment, [*strategy_overrides(strategy), f"sweep.num_samples={trials}",
+                                                     f"sweep.scheduler={scheduler}", f"sweep.metric={metric}",
+                                                     "sweep.search=random", f"output_dir={out}", "wandb=false", *extra])
+    scores = [r.metrics.get(metric) for r in results if r.metrics]
+    best = results.get_best_result(metric=metric, mode="max", scope="last")
     chosen = {k: v for k, v in best.config.items() if not k.startswith("_")}
     return chosen, scores, time.perf_counter() - began
 
@@ -72,20 +85,20 @@ def main() -> None:
     if args.resume and saved.is_file():
         payload = json.loads(saved.read_text())
     for strategy in args.strategies:
-        if strategy in payload["strategies"]:
-            continue
-        chosen, scores, seconds = tune(strategy, args.experiment, args.trials, out / "sweeps", args.overrides,
-                                       args.lr_range, args.scheduler)
-        payload["strategies"][strategy] = {"chosen": chosen, "held_out_scores": scores, "sweep_s": seconds}
-        out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(payload, indent=1))
-        print(f"{strategy}: chose {chosen} (held-out {max(s for s in scores if s is not None):.3f}, {seconds:.0f} s)",
-              flush=True)
-    # One comparison per strategy with its chosen overrides (compare applies overrides to every strategy).
-    for strategy, entry in payload["strategies"].items():
+        if strategy not in payload["strategies"]:
+            chosen, scores, seconds = tune(strategy, args.experiment, args.trials, out / "sweeps", args.overrides,
+                                           args.lr_range, args.scheduler)
+            payload["strategies"][strategy] = {"chosen": chosen, "held_out_scores": scores, "sweep_s": seconds}
+            out.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(payload, indent=1))
+            print(f"{strategy}: chose {chosen} (held-out {max(s for s in scores if s is not None):.3f}, "
+                  f"{seconds:.0f} s)", flush=True)
+        entry = payload["strategies"][strategy]
         if "fused" in entry:
             continue
-        overrides = [f"{k}={v}" for k, v in entry["chosen"].items()]
+        # compare applies the chosen overrides to every strategy it is given: one strategy per comparison.
+        overrides = [f"{k}={v}" for k, v in entry["chosen"].items()
+                     if k not in ("strategy", "unimodal.modality")]
         began = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", args.experiment, "--strategies",
                                strategy, "--seeds", str(args.seeds), f"output_dir={out / 'compare'}", "wandb=false",
@@ -96,15 +109,17 @@ def main() -> None:
         entry["compare_dir"], entry["compare_s"] = str(run_dir), time.perf_counter() - began
         with open(run_dir / "results.csv") as f:
             rows = [r for r in csv.DictReader(f) if int(r["epochs"]) > 0]
-        entry["fused"] = {int(r["seed"]): float(r["final_acc_fused"]) for r in rows}
+        # "fused" holds the prediction head's score: the modality's own head for unimodal:MODALITY.
+        entry["fused"] = {int(r["seed"]): float(r[f"final_acc_{prediction_head(strategy)}"]) for r in rows}
         entry["ensemble"] = {int(r["seed"]): float(r["final_acc_ensemble"]) for r in rows}
         saved.write_text(json.dumps(payload, indent=1))
+        summarise(payload, args.strategies[0])
     summarise(payload, args.strategies[0])
 
 
 def summarise(payload: dict, baseline: str) -> None:
     """The table of every strategy whose comparison finished (the others are listed as unfinished)."""
-    table = ["| strategy | chosen (held-out) | fused test acc % | ensemble % | vs tuned naive | wins | sweep + compare s |",
+    table = ["| strategy | chosen (held-out) | test acc % (fused; unimodal: its head) | ensemble % | vs tuned naive | wins | sweep + compare s |",
              "|---|---|---|---|---|---|---|"]
     finished = {name: entry for name, entry in payload["strategies"].items() if "fused" in entry}
     scores = {name: {int(k): v for k, v in entry["fused"].items()} for name, entry in finished.items()}
@@ -123,7 +138,7 @@ def summarise(payload: dict, baseline: str) -> None:
     write(f"tuned_compare_{Path(payload['experiment']).stem}", payload, table,
           f"Experiment {payload['experiment']}; {payload['trials']} random-search trials per strategy over its search "
           f"space ({'ASHA early stopping' if payload.get('scheduler') == 'asha' else 'no early stopping'}) "
-          f"(selected on {METRIC}), then {payload['seeds']} seeds; mean ± 95% CI; difference to tuned "
+          f"(selected on held-out accuracy of the fused head; unimodal: of its modality's head), then {payload['seeds']} seeds; mean ± 95% CI; difference to tuned "
           f"{baseline} paired by seed (bold: the CI excludes 0)."
           + (f" Sweeps whose comparison did not finish: {', '.join(unfinished)}." if unfinished else ""))
 
