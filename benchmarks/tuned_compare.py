@@ -57,6 +57,9 @@ def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str
     _, results = blendtune.sweep(space, experiment, [*strategy_overrides(strategy), f"sweep.num_samples={trials}",
                                                      f"sweep.scheduler={scheduler}", f"sweep.metric={metric}",
                                                      "sweep.search=random", f"output_dir={out}", "wandb=false", *extra])
+    if all(r.error for r in results):  # e.g. unimodal:MODALITY naming a modality the data lacks
+        first = str(results[0].error).strip().splitlines()[-1]
+        sys.exit(f"{strategy}: every trial of the sweep failed (first: {first})")
     scores = [r.metrics.get(metric) for r in results if r.metrics]
     best = results.get_best_result(metric=metric, mode="max", scope="last")
     chosen = {k: v for k, v in best.config.items() if not k.startswith("_")}
