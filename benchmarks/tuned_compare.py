@@ -28,33 +28,38 @@ from common import write  # noqa: E402
 import yaml  # noqa: E402
 
 import blendtune  # noqa: E402
+from blendtune.cli import strategy_variants  # noqa: E402
 from blendtune.report import mean_ci, paired_differences  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE_OF = {"ogm_ge": "ogm", "ogm": "ogm"}  # strategies sharing a space file
+# strategies sharing a space file; a modality alone is tuned on naive's knob, the learning rate
+SPACE_OF = {"ogm_ge": "ogm", "ogm": "ogm", "unimodal": "naive"}
+
+
+def variant_of(strategy: str) -> dict:
+    """`gblend` or `unimodal:audio` -> its config overrides, parsed and checked as `blendtune compare` does."""
+    (variant,) = strategy_variants(strategy)
+    return variant
+
 
 def prediction_head(strategy: str) -> str:
     """The head a strategy is selected and scored on: the fused one, or `unimodal:MODALITY`'s own."""
-    name, _, modality = strategy.partition(":")
-    return modality if name == "unimodal" else "fused"
-
-
-def strategy_overrides(strategy: str) -> list[str]:
-    name, _, modality = strategy.partition(":")
-    return [f"strategy={name}"] + ([f"unimodal.modality={modality}"] if name == "unimodal" else [])
+    return variant_of(strategy).get("unimodal.modality", "fused")
 
 
 def tune(strategy: str, experiment: str, trials: int, out: Path, extra: list[str],
          lr_range: tuple[float, float] | None, scheduler: str) -> tuple[dict, list[float], float]:
-    """The best configuration of one strategy's sweep, by held-out fused accuracy at its last epoch."""
+    """The best configuration of one strategy's sweep, by held-out accuracy of its prediction head at its
+    last epoch."""
     began = time.perf_counter()
+    variant = variant_of(strategy)
     metric = f"acc/held_out/{prediction_head(strategy)}"
-    name = strategy.partition(":")[0]
-    space_file = REPO / "search_spaces" / f"{SPACE_OF.get(name, 'naive' if name == 'unimodal' else name)}.yaml"
+    space_file = REPO / "search_spaces" / f"{SPACE_OF.get(variant['strategy'], variant['strategy'])}.yaml"
     space = yaml.safe_load(space_file.read_text())
     if lr_range:  # the spaces' lr range is written for AV-digits' Adam; SGD settings need their own
         space["optim.lr"] = {"loguniform": list(lr_range)}
-    _, results = blendtune.sweep(space, experiment, [*strategy_overrides(strategy), f"sweep.num_samples={trials}",
+    _, results = blendtune.sweep(space, experiment, [*(f"{k}={v}" for k, v in variant.items()),
+                                                     f"sweep.num_samples={trials}",
                                                      f"sweep.scheduler={scheduler}", f"sweep.metric={metric}",
                                                      "sweep.search=random", f"output_dir={out}", "wandb=false", *extra])
     if all(r.error for r in results):  # e.g. unimodal:MODALITY naming a modality the data lacks
@@ -100,8 +105,7 @@ def main() -> None:
         if "fused" in entry:
             continue
         # compare applies the chosen overrides to every strategy it is given: one strategy per comparison.
-        overrides = [f"{k}={v}" for k, v in entry["chosen"].items()
-                     if k not in ("strategy", "unimodal.modality")]
+        overrides = [f"{k}={v}" for k, v in entry["chosen"].items()]
         began = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", args.experiment, "--strategies",
                                strategy, "--seeds", str(args.seeds), f"output_dir={out / 'compare'}", "wandb=false",
