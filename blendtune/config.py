@@ -90,7 +90,8 @@ class TrainConfig:
 
 @dataclass
 class SweepConfig:
-    num_samples: int = 4         # trials drawn from the space (grid entries multiply it)
+    num_samples: Optional[int] = None  # trials drawn from the space; unset: 4, or 1 with search=grid (each
+                                       # point once). Set with a grid, it repeats every point that often
     search: str = "optuna"       # optuna (TPE) | random | grid
     scheduler: str = "asha"      # asha | pbt | none
     metric: str = "acc/held_out/fused"  # selection never looks at test data
@@ -283,7 +284,7 @@ def validate(cfg: ExperimentConfig) -> None:
                 "sweep.reduction_factor", "train.epochs", "data.batch_size", "data.eval_batch_size",
                 "train.checkpoint_every", "optim.step_size"]
     for key in positive:
-        if flat[key] <= 0:
+        if flat[key] is not None and flat[key] <= 0:
             raise UserError(f"config key '{key}': expected a positive number, got {flat[key]}")
     if not 0.0 <= cfg.data.held_out_ratio < 1.0:
         raise UserError(f"config key 'data.held_out_ratio': expected 0 <= ratio < 1, got {cfg.data.held_out_ratio}")

@@ -76,7 +76,7 @@ def train_worker(config: dict) -> None:
 
     worker.run(cfg, worker.RunSpec(log_dir=log_dir, run_id=config.get("run_id", ""),
                                    run_name=config.get("run_name", ""), group=config.get("group"),
-                                   table=config.get("table", False),
+                                   table=config.get("table", False), keep_files_at=config.get("keep_files_at"),
                                    save_checkpoints=bool(config.get("local_checkpoints")), restore=restore,
                                    report=report))
 
@@ -148,8 +148,10 @@ def worker_env(local: bool) -> dict[str, str]:
 def check_gpus(cfg) -> None:
     """Ray waits forever for GPUs a cluster does not have. On a local Ray (no `sweep.address` /
     $RAY_ADDRESS) this machine's GPUs are all there is: asking for more is a one-line error, before
-    anything is created. A remote cluster may autoscale, so it is trusted."""
-    if not wants_gpu(cfg.train.device) or cfg.sweep.address or os.environ.get("RAY_ADDRESS"):
+    anything is created. A remote cluster may autoscale, so it is trusted. `sweep.gpus_per_trial` is
+    reserved even for CPU trials (blendtune.sweeps.trial_resources), so it counts too."""
+    reserves_gpus = wants_gpu(cfg.train.device) or (cfg.workers == 1 and cfg.sweep.gpus_per_trial is not None)
+    if not reserves_gpus or cfg.sweep.address or os.environ.get("RAY_ADDRESS"):
         return
     if cfg.workers == 1 and cfg.sweep.gpus_per_trial is None:
         needed = 1.0

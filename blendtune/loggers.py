@@ -78,10 +78,32 @@ class WandbLogger:
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, entity=entity, group=group, name=name, id=run_id, config=config,
                               dir=str(directory), mode=wandb_mode(), resume="allow", reinit="create_new",
-                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
+                                                      # on disk within a fraction of a second, not 15 s: a
+                                                      # sweep trial's files are copied to storage every epoch
+                                                      x_transaction_log_flush_interval=0.2))
 
     def __call__(self, metrics: dict) -> None:
-        self.run.log({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
+        # commit: with an explicit step W&B holds the row back until a later step arrives, so a trial
+        # stopped by the scheduler (or killed) would lose its last epoch
+        self.run.log({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]), commit=True)
+        self.last_step = int(metrics["epoch"])
+
+    def wait_until_written(self, timeout: float = 10.0) -> bool:
+        """Wait until the offline run file holds the last logged step (W&B writes it from another process
+        within the flush interval): what is copied to a sweep's storage then has every epoch, even if the
+        scheduler stops the trial, or its node dies, right after. False if W&B did not write it in time."""
+        import time
+
+        from blendtune.wandb_files import read_history
+        step = getattr(self, "last_step", None)
+        run_file = Path(self.run.settings.sync_file or "")
+        deadline = time.monotonic() + timeout
+        while step is not None and time.monotonic() < deadline:
+            if run_file.is_file() and any(row.get("_step") == step for row in read_history(run_file)[-3:]):
+                return True
+            time.sleep(0.02)
+        return step is None
 
     def close(self) -> None:
         self.run.finish()

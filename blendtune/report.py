@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blendtune.config import ExperimentConfig, with_overrides
+from blendtune import storage
 from blendtune.errors import UserError
 from blendtune.evaluation import PREDICTION, score_name
 from blendtune.runs import load_sweep
@@ -37,38 +38,43 @@ def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
     return ":".join(parts)
 
 
-def tune_trial_ids(experiment: Path) -> set[str] | None:
+def tune_trial_ids(experiment: str | Path) -> set[str] | None:
     """The trials in Tune's newest experiment state (None if there is none)."""
-    states = sorted(experiment.glob("experiment_state-*.json"))
+    states = sorted(n for n in storage.list_names(experiment) if n.startswith("experiment_state-") and n.endswith(".json"))
     if not states:
         return None
-    data = json.loads(states[-1].read_text())
+    data = json.loads(storage.read_text(storage.join(experiment, states[-1])))
     return {json.loads(entry[0] if isinstance(entry, list) else entry)["trial_id"] for entry in data["trial_data"]}
+
+
+def sweep_storage(run_dir: Path) -> str:
+    """Where the sweep's trials live: its storage path (local, shared or s3://...)."""
+    return json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"]
 
 
 def load_trials(run_dir: Path) -> list[dict]:
     base, _, _ = load_sweep(run_dir)
-    storage = Path(json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"])
-    experiment = storage / EXPERIMENT
-    if not experiment.is_dir():
-        raise UserError(f"no Tune results at '{experiment}' (reports read local storage)")
+    experiment = storage.join(sweep_storage(run_dir), EXPERIMENT)
+    if not storage.is_dir(experiment):
+        raise UserError(f"no Tune results at '{experiment}' (the sweep's storage path)")
     trials = []
     known = tune_trial_ids(experiment)
-    for params in sorted(experiment.glob("*/params.json")):
-        if known is not None and not any(f"_{trial_id}_" in params.parent.name for trial_id in known):
+    for name in storage.list_names(experiment):
+        params = storage.read_text(storage.join(experiment, name, "params.json"))
+        if params is None:
+            continue
+        if known is not None and not any(f"_{trial_id}_" in name for trial_id in known):
             continue  # started after Tune's last state save, then the driver died: resumed as a new trial
-        sample = json.loads(params.read_text())
+        sample = json.loads(params)
         cfg = with_overrides(base, trial_overrides(sample))
         by_epoch = {}
-        results = params.parent / "result.json"
-        if results.is_file():
-            for line in results.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    if "epoch" in row:
-                        by_epoch[row["epoch"]] = row
+        for line in (storage.read_text(storage.join(experiment, name, "result.json")) or "").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if "epoch" in row:
+                    by_epoch[row["epoch"]] = row
         history = [by_epoch[e] for e in sorted(by_epoch)]
-        trials.append({"trial": params.parent.name, "label": strategy_label(cfg, sample.get(VARIANT)), "seed": cfg.seed,
+        trials.append({"trial": name, "label": strategy_label(cfg, sample.get(VARIANT)), "seed": cfg.seed,
                        "strategy": cfg.strategy, "epochs_planned": cfg.train.epochs, "history": history,
                        "prediction_head": cfg.unimodal.modality if cfg.strategy == "unimodal" else
                        PREDICTION if any(f"/test/{PREDICTION}" in k for row in history[-1:] for k in row) else "fused"})
@@ -159,17 +165,30 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# {run_dir.name}", "", f"{what} of the last epoch: mean ± the half-width of its 95% confidence "
              "interval over seeds (t distribution). `prediction` is the head the run predicts with (`train.predict`: "
              "fused, ensemble, or the best on held-out data), or the trained modality's head for `unimodal:`.", "",
-             "| strategy | trials | epochs | prediction | " + " | ".join(heads) + " |",
-             "|---|---|---|---|" + "---|" * len(heads)]
+             "| strategy | trials | seeds | epochs | prediction | " + " | ".join(heads) + " |",
+             "|---|---|---|---|---|" + "---|" * len(heads)]
+    shared_seeds = {}  # label -> trials that share a seed with another trial of the label
     for label, ts in groups.items():
         done = [t for t in ts if t["history"]]
+        seeds = {t["seed"] for t in ts}
+        if len(seeds) < len(ts):
+            shared_seeds[label] = len(ts)
+        interval = label not in shared_seeds  # repeats of a seed are not more seeds: no interval over them
+
+        def cell(values: list[float]) -> str:
+            return _mean_ci_text(values) if interval or not values else f"{100 * statistics.mean(values):.1f}†"
         pred = [t["history"][-1][f"{score}/test/{t['prediction_head']}"] for t in done]
-        cells = [_mean_ci_text([t["history"][-1][f"{score}/test/{h}"] for t in done if f"{score}/test/{h}" in t["history"][-1]])
+        cells = [cell([t["history"][-1][f"{score}/test/{h}"] for t in done if f"{score}/test/{h}" in t["history"][-1]])
                  for h in heads]
         epochs = "/".join(sorted({str(len(t["history"])) for t in ts}))
-        lines.append(f"| {label} | {len(ts)} | {epochs} | {_mean_ci_text(pred)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {len(ts)} | {len(seeds)} | {epochs} | {cell(pred)} | " + " | ".join(cells) + " |")
+    if shared_seeds:
+        lines += ["", "† " + ", ".join(f"{label}: {n} trials" for label, n in shared_seeds.items()) +
+                  " over fewer seeds (a grid repeated with sweep.num_samples, or settings the sweep varied): the mean of "
+                  "the trials, with no interval, and no paired difference; an interval needs one trial per seed."]
     final = {label: {t["seed"]: t["history"][-1][f"{score}/test/{t['prediction_head']}"] for t in ts
-                     if t["history"] and len(t["history"]) == t["epochs_planned"]} for label, ts in groups.items()}
+                     if t["history"] and len(t["history"]) == t["epochs_planned"]}
+             for label, ts in groups.items() if label not in shared_seeds}
     differences = paired_differences(final)
     if differences:
         lines += ["", "Difference to naive on the prediction head, paired by seed (points; 95% CI; **bold**: the CI "

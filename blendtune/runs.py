@@ -12,6 +12,7 @@ from pathlib import Path
 from blendtune.checkpoint import load_checkpoint
 from blendtune.config import ExperimentConfig, check_keys_are_used, flat_keys, load_config, to_yaml
 from blendtune.data import DATASETS, data_root
+from blendtune import storage as storage_lib
 from blendtune.errors import UserError
 from blendtune.launch import check_gpus
 from blendtune.search_space import check_sweep, parse_space
@@ -99,9 +100,13 @@ def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], vari
     check_before_starting(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / f"{cfg.name}-{kind}-{stamp}"
+    if cfg.sweep.storage_path:  # shared storage (s3://..., an NFS mount): reachable and writable, or one line
+        storage = storage_lib.join(storage_lib.absolute(cfg.sweep.storage_path), run_dir.name)
+        storage_lib.check_writable(storage, "sweep.storage_path")
+    else:
+        storage = str(run_dir.resolve())
     _make_dir(run_dir)
     write_config(run_dir, cfg)
-    storage = cfg.sweep.storage_path or str(run_dir.resolve())
     (run_dir / SWEEP_FILE).write_text(json.dumps({
         "space": {k: {d.kind: list(d.args)} for k, d in space.items()}, "variants": variants,
         "storage_path": storage}, indent=1))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from blendtune import storage as storage_lib
 from blendtune import worker
 from blendtune.devices import wants_gpu
 from blendtune.errors import TrainingDiverged, UserError
@@ -22,6 +23,7 @@ from blendtune.launch import (init_ray, report_with_checkpoint, restore_from_ray
                               worker_cpus)
 
 EXPERIMENT = "tune"          # the Tune experiment's folder inside the sweep's storage path
+TRAIN_RUNS = "train_runs"    # multi-worker trials' Ray Train runs (their checkpoints), beside it
 SWEEP_FILE = "sweep.json"    # what a resume needs besides config.yaml: the space and the storage path
 VARIANT = "variant"          # a grid entry that sets several keys at once (compare: strategy + options)
 
@@ -67,18 +69,31 @@ def trial_overrides(sample: dict) -> dict:
     return {**sample.pop(VARIANT, {}), **sample}
 
 
-def run_trial(sample: dict, trial_config: Callable[[dict], Any], sweep_name: str, train_storage: str) -> None:
+def run_trial(sample: dict, trial_config: Callable[[dict], Any], sweep_name: str, storage: str) -> None:
     """The Tune trainable: one configuration of the space, trained to `train.epochs`.
-    `trial_config` (from blendtune.config) turns the trial's overrides into a validated config."""
+    `trial_config` (from blendtune.config) turns the trial's overrides into a validated config.
+    The trial's own files go to its folder on the sweep's storage (`storage/tune/<trial>`), next to
+    what Tune writes there, wherever the trial runs."""
     from ray import tune
 
     cfg = trial_config(trial_overrides(sample))
     context = tune.get_context()
-    trial_dir, trial_id, trial_name = Path(context.get_trial_dir()), context.get_trial_id(), context.get_trial_name()
-    if cfg.workers > 1:
-        return _run_trial_on_train_workers(cfg, trial_dir, trial_id, trial_name, sweep_name, train_storage)
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    # Tune names the trial's folder on storage as it names the local one (whose parent differs between
+    # the first trial of a reused worker process and later ones)
+    trial_files = storage_lib.join(storage, EXPERIMENT, Path(context.get_trial_dir()).name)
+    try:
+        if cfg.workers > 1:
+            return _run_trial_on_train_workers(cfg, trial_files, trial_id, trial_name, sweep_name, storage)
+        _run_trial_here(cfg, trial_files, trial_id, trial_name, sweep_name)
+    except TrainingDiverged as e:  # a bad corner of the space: the trial ends, the sweep goes on
+        storage_lib.write_text(storage_lib.join(trial_files, "diverged.txt"), str(e) + "\n")
 
+
+def _run_trial_here(cfg, trial_files: str, trial_id: str, trial_name: str, sweep_name: str) -> None:
     import ray
+    from ray import tune
+
     node_id = ray.get_runtime_context().get_node_id()
     checkpoint = tune.get_checkpoint()  # a resumed sweep, a retried trial, or a PBT exploit of another's weights
     restored: dict = {}
@@ -94,81 +109,93 @@ def run_trial(sample: dict, trial_config: Callable[[dict], Any], sweep_name: str
             restored.clear()
         report_with_checkpoint(trainer, to_tune, metrics, tune.Checkpoint)
 
-    spec = worker.RunSpec(log_dir=trial_dir, run_id=f"{sweep_name}-{trial_id}", run_name=trial_name,
+    spec = worker.RunSpec(keep_files_at=trial_files, run_id=f"{sweep_name}-{trial_id}", run_name=trial_name,
                           group=sweep_name, restore=restore if checkpoint is not None else None,
                           restored_lr_from_config=True, report=report)
-    try:
-        worker.run(cfg, spec)
-    except TrainingDiverged as e:  # a bad corner of the space: the trial ends, the sweep goes on
-        (trial_dir / "diverged.txt").write_text(str(e) + "\n")
+    worker.run(cfg, spec)
 
 
-def _run_trial_on_train_workers(cfg, trial_dir, trial_id, trial_name, sweep_name, train_storage) -> None:
+def _run_trial_on_train_workers(cfg, trial_files, trial_id, trial_name, sweep_name, storage) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    loop_config = {"log_dir": str(trial_dir), "run_id": f"{sweep_name}-{trial_id}", "run_name": trial_name,
+    loop_config = {"keep_files_at": trial_files, "run_id": f"{sweep_name}-{trial_id}", "run_name": trial_name,
                    "group": sweep_name}
     # Retries belong to Tune here (its FailureConfig reruns the trial, which resumes the Train run from
     # its latest checkpoint): a Train-level retry would rebuild the worker group of a trial that Tune
     # has just stopped, in a new placement group nobody frees.
-    result = torch_trainer(cfg, loop_config, name=f"train_{trial_id}", storage_path=train_storage,
+    result = torch_trainer(cfg, loop_config, name=f"train_{trial_id}", storage_path=storage_lib.join(storage, TRAIN_RUNS),
                            callbacks=[TuneReportCallback()], max_failures=0).fit()
     if result.error:
         raise result.error
 
 
 STATE_BACKUP = ".blendtune-state-backup"  # last complete copy of Tune's experiment state, per session file
+STATE_PREFIX = "experiment_state-"
 
 
-def _experiment_state_backup_callback(experiment: Path):
+def _state_files(experiment: str) -> dict[str, tuple[int, int]]:
+    return {name: signature for name, signature in storage_lib.list_files(experiment).items()
+            if name.startswith(STATE_PREFIX) and name.endswith(".json")}
+
+
+def _experiment_state_backup_callback(experiment: str):
     """Tune rewrites `experiment_state-*.json` in place; a driver killed mid-write leaves it empty and a
-    resume would then forget every trial. After each Tune step, a copy that parses is kept atomically."""
+    resume would then forget every trial. After Tune steps, a copy that parses is kept atomically
+    (on an object store at most every 2 s: each look is a request)."""
+    import time
+
     from ray import tune
+
+    every = 2.0 if storage_lib.is_url(experiment) else 0.0
 
     class BackUpExperimentState(tune.Callback):
         def __init__(self):
             self.seen = None
+            self.looked = float("-inf")
 
         def on_step_end(self, iteration, trials, **info):
-            states = sorted(experiment.glob("experiment_state-*.json"))
+            if time.monotonic() - self.looked < every:
+                return
+            self.back_up()
+
+        def back_up(self) -> None:
+            """Also called once Tune has returned: it writes its final state after the last callback."""
+            self.looked = time.monotonic()
+            states = _state_files(experiment)
             if not states:
                 return
-            newest = states[-1]
-            stat = newest.stat()
-            if (newest.name, stat.st_mtime_ns, stat.st_size) == self.seen:
+            newest = max(states)
+            if (newest, states[newest]) == self.seen:
                 return
-            text = newest.read_text()
+            text = storage_lib.read_text(storage_lib.join(experiment, newest))
             try:
-                json.loads(text)
+                json.loads(text or "")
             except ValueError:  # being written right now: the next step copies it
                 return
-            backup = experiment / STATE_BACKUP
-            backup.mkdir(exist_ok=True)
-            tmp = backup / f".{newest.name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(backup / newest.name)
-            self.seen = (newest.name, stat.st_mtime_ns, stat.st_size)
+            storage_lib.write_text(storage_lib.join(experiment, STATE_BACKUP, newest), text)
+            self.seen = (newest, states[newest])
 
     return BackUpExperimentState()
 
 
-def repair_experiment_state(experiment: Path) -> list[str]:
+def repair_experiment_state(experiment: str) -> list[str]:
     """Before a resume: an experiment state file that does not parse is replaced by its backup, or removed
     (Tune then restores from the previous session's file). Returns what was repaired."""
     repaired = []
-    for state in sorted(experiment.glob("experiment_state-*.json")):
+    for name in sorted(_state_files(experiment)):
+        state = storage_lib.join(experiment, name)
         try:
-            json.loads(state.read_text())
+            json.loads(storage_lib.read_text(state) or "")
             continue
         except ValueError:
             pass
-        backup = experiment / STATE_BACKUP / state.name
-        if backup.is_file():
-            backup.replace(state)
-            repaired.append(f"{state.name}: restored from its backup")
+        backup = storage_lib.read_text(storage_lib.join(experiment, STATE_BACKUP, name))
+        if backup is not None:
+            storage_lib.write_text(state, backup)
+            repaired.append(f"{name}: restored from its backup")
         else:
-            state.unlink()
-            repaired.append(f"{state.name}: unreadable, removed")
+            storage_lib.delete(state)
+            repaired.append(f"{name}: unreadable, removed")
     return repaired
 
 
@@ -232,20 +259,30 @@ def _search_and_scheduler(cfg, space: dict[str, Distribution]):
 def _trainable(cfg, trial_config: Callable[[dict], Any], sweep_name: str, storage: str):
     from ray import tune
 
-    trainable = tune.with_parameters(run_trial, trial_config=trial_config, sweep_name=sweep_name,
-                                     train_storage=f"{storage.rstrip('/')}/train_runs")
+    trainable = tune.with_parameters(run_trial, trial_config=trial_config, sweep_name=sweep_name, storage=storage)
     return tune.with_resources(trainable, trial_resources(cfg))
 
 
 def trial_resources(cfg) -> dict[str, float]:
     """What Tune reserves per trial. A 1-worker trial trains inside it: its CPUs and `sweep.gpus_per_trial`
-    of a GPU (a fraction lets several small trials share one; Ray then packs them). A multi-worker
-    trial only drives its TorchTrainer, whose workers hold the resources (a whole GPU each)."""
+    of a GPU (a fraction lets several small trials share one; Ray then packs them). Set, it is reserved
+    whatever `train.device` says (a CPU trial that must land on a GPU node, or a dry run of the packing);
+    unset, a trial on a GPU takes a whole one. A multi-worker trial only drives its TorchTrainer, whose
+    workers hold the resources (a whole GPU each)."""
     if cfg.workers > 1:
         return {"cpu": 0.001}
-    gpus = (cfg.sweep.gpus_per_trial if cfg.sweep.gpus_per_trial is not None else 1.0) \
-        if wants_gpu(cfg.train.device) else 0.0
+    if cfg.sweep.gpus_per_trial is not None:
+        gpus = cfg.sweep.gpus_per_trial
+    else:
+        gpus = 1.0 if wants_gpu(cfg.train.device) else 0.0
     return {"cpu": worker_cpus(cfg), "gpu": gpus}
+
+
+def samples_per_point(sweep_cfg) -> int:
+    """Tune's num_samples: what the user set, else each point of a grid once, else 4 draws."""
+    if sweep_cfg.num_samples is not None:
+        return sweep_cfg.num_samples
+    return 1 if sweep_cfg.search == "grid" else 4
 
 
 def _trials_that_fit(cfg) -> int | None:
@@ -280,15 +317,13 @@ def _fit(cfg, space, run_dir, trial_config, variants, resume, storage):
     from ray import tune
 
     trainable = _trainable(cfg, trial_config, run_dir.name, storage)
-    callbacks = [_release_train_workers_callback()]
-    if "://" not in storage:
-        callbacks.append(_experiment_state_backup_callback(Path(storage) / EXPERIMENT))
+    experiment = storage_lib.join(storage, EXPERIMENT)
+    backup = _experiment_state_backup_callback(experiment)
+    callbacks = [_release_train_workers_callback(), backup]
     params = param_space(space, variants)
-    experiment = f"{storage.rstrip('/')}/{EXPERIMENT}"
     if resume:
-        if "://" not in experiment:
-            for line in repair_experiment_state(Path(experiment)):
-                print(f"blendtune: Tune experiment state {line}", flush=True)
+        for line in repair_experiment_state(experiment):
+            print(f"blendtune: Tune experiment state {line}", flush=True)
         if not tune.Tuner.can_restore(experiment):
             raise UserError(f"nothing to resume in '{run_dir}': no Tune experiment at {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
@@ -300,11 +335,13 @@ def _fit(cfg, space, run_dir, trial_config, variants, resume, storage):
         tuner = tune.Tuner(
             trainable, param_space=params,
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=scheduler,
-                                        num_samples=s.num_samples, max_concurrent_trials=max_concurrent,
+                                        num_samples=samples_per_point(s), max_concurrent_trials=max_concurrent,
                                         reuse_actors=cfg.workers == 1),  # no re-import of torch per trial
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
                                       callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if s.scheduler != "pbt" else 8),
                                       verbose=1))
-    return tuner.fit()
+    results = tuner.fit()
+    backup.back_up()
+    return results

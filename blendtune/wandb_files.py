@@ -43,8 +43,20 @@ def read_history(run_file: str | Path) -> list[dict]:
     rows = []
     for raw in _records(Path(run_file).read_bytes()):
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+        try:
+            record.ParseFromString(raw)
+        except Exception:  # a torn last record: the process writing it was killed
+            break
         if record.WhichOneof("record_type") == "history":
             rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def logged_steps(log_dir: str | Path) -> set[int]:
+    """The steps every offline W&B session under `log_dir/wandb` has on disk. W&B flushes its file only
+    every few seconds and when the run finishes, so a session killed with its node lacks its last epochs."""
+    steps: set[int] = set()
+    for run_file in Path(log_dir).glob("wandb/offline-run-*/run-*.wandb"):
+        steps |= {int(row["_step"]) for row in read_history(run_file) if "_step" in row}
+    return steps

@@ -24,11 +24,13 @@ from blendtune import distributed
 from blendtune.data import as_dataset, build_splits, make_splits
 from blendtune.devices import resolve_device
 from blendtune.errors import OptionError, UserError
-from blendtune.loggers import EpochTable, MetricsFile, WandbLogger, close_loggers, flat_dict
+from blendtune.loggers import EpochTable, MetricsFile, WandbLogger, close_loggers, flat_dict, read_metrics
 from blendtune.loop import Trainer, TrainOptions
 from blendtune.models import EncoderSpec, build_late_fusion, classifier_for, encoders_for
 from blendtune.optim import build_optimizer, build_scheduler
+from blendtune.storage import TrialFiles
 from blendtune.strategies import STRATEGIES, build_strategy, fusion_for
+from blendtune.wandb_files import logged_steps
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -49,6 +51,9 @@ class RunSpec:
     announce_resume: bool = False            # print "resuming at epoch N of M"
     report: Callable[[dict, Trainer], None] | None = None  # after the loggers, every epoch (Ray)
     extra_loggers: list = field(default_factory=list)
+    keep_files_at: str | None = None         # a sweep trial: metrics and W&B files are written in a scratch
+                                             # folder and pushed here (a directory on the sweep's storage,
+                                             # local or s3://...) every epoch, instead of log_dir
 
 
 def restore_from_file(path: Path) -> Callable[[Trainer], None]:
@@ -65,15 +70,41 @@ def run(cfg, spec: RunSpec) -> dict:
         if spec.announce_resume:
             print(f"resuming at epoch {trainer.epoch + 1} of {cfg.train.epochs}", flush=True)
     loggers = list(spec.extra_loggers)
-    if distributed.rank() == 0 and spec.log_dir is not None:
-        # metrics.jsonl keeps only the epochs of the state training goes on from: a Ray worker restarted
-        # before its first checkpoint was registered starts at epoch 0 and must not append to the old lines
-        loggers += epoch_loggers(cfg, Path(spec.log_dir), trainer.epoch, trainer.model.head_names, spec)
-    trainer.callbacks = loggers + ([lambda metrics: spec.report(metrics, trainer)] if spec.report else [])
+    log_dir = Path(spec.log_dir) if spec.log_dir is not None else None
+    files = TrialFiles(spec.keep_files_at) if spec.keep_files_at and distributed.rank() == 0 else None
+    if files is not None:
+        files.pull()  # what an earlier attempt of this trial kept: a retry, a resume, a node that died
+        log_dir = files.local
     try:
+        if distributed.rank() == 0 and log_dir is not None:
+            # metrics.jsonl keeps only the epochs of the state training goes on from: a Ray worker restarted
+            # before its first checkpoint was registered starts at epoch 0 and must not append to the old lines
+            loggers += epoch_loggers(cfg, log_dir, trainer.epoch, trainer.model.head_names, spec)
+        # files reach storage before Tune hears of the epoch: a scheduler may stop the trial right then (Tune
+        # does not wait for the trial's thread to finish, so nothing after the last report is sure to run)
+        trainer.callbacks = loggers + ([lambda metrics: push(files, loggers)] if files is not None else []) \
+            + ([lambda metrics: spec.report(with_storage_time(metrics, files), trainer)] if spec.report else [])
         return trainer.fit()
     finally:
-        close_loggers(loggers)
+        try:
+            close_loggers(loggers)
+        finally:
+            if files is not None:
+                files.close()
+
+
+def with_storage_time(metrics: dict, files: TrialFiles | None) -> dict:
+    """What Ray hears of an epoch: its metrics and, for a sweep trial, the seconds spent so far copying
+    the trial's files to storage (`time/trial_files_s`)."""
+    return metrics if files is None else {**metrics, "time/trial_files_s": files.seconds}
+
+
+def push(files: TrialFiles, loggers: list) -> None:
+    """This epoch's files to storage, W&B's included once W&B has written the epoch."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.wait_until_written()
+    files.push()
 
 
 def epoch_loggers(cfg, log_dir: Path, from_epoch: int, heads: list[str], spec: RunSpec) -> list:
@@ -82,8 +113,16 @@ def epoch_loggers(cfg, log_dir: Path, from_epoch: int, heads: list[str], spec: R
     if spec.table:
         loggers.append(EpochTable(heads))
     if cfg.wandb:
-        loggers.append(WandbLogger(log_dir, flat_values(cfg), run_id=spec.run_id, name=spec.run_name,
-                                   project=cfg.wandb_project, group=spec.group, entity=cfg.wandb_entity))
+        # epochs kept in metrics.jsonl that no earlier W&B session has on disk (killed before W&B flushed
+        # them) are logged again first, so the run's W&B history has every epoch of the state trained on
+        on_disk = logged_steps(log_dir) if from_epoch else set()
+        wandb = WandbLogger(log_dir, flat_values(cfg), run_id=spec.run_id, name=spec.run_name,
+                            project=cfg.wandb_project, group=spec.group, entity=cfg.wandb_entity)
+        if from_epoch and (log_dir / METRICS_FILE).is_file():
+            for row in read_metrics(log_dir / METRICS_FILE):
+                if row["epoch"] <= from_epoch and row["epoch"] not in on_disk:
+                    wandb(row)
+        loggers.append(wandb)
     return loggers
 
 

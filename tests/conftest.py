@@ -148,3 +148,52 @@ def assert_wandb_matches_metrics(history: list[dict], rows: list[dict]) -> None:
                 assert not math.isfinite(h[key]), (r["epoch"], key, h[key])
             else:
                 assert h[key] == pytest.approx(value, rel=1e-12, abs=1e-300), (r["epoch"], key, h[key], value)
+
+
+# ---- a real S3 API server on localhost (moto's standalone server, as Ray's own tests use) ------------
+@pytest.fixture(scope="session")
+def s3_server():
+    """Starts `moto_server` on a free loopback port and points the AWS environment at it (pyarrow and
+    Ray read AWS_ENDPOINT_URL and the keys from there; Ray processes started later inherit them).
+    Yields a function that makes a fresh bucket and returns its s3:// URL."""
+    import secrets
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "blendtune-test",
+           "AWS_SECRET_ACCESS_KEY": "blendtune-test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+        import boto3
+        client = boto3.client("s3")
+
+        def bucket(prefix: str = "sweeps") -> str:
+            name = f"blendtune-{secrets.token_hex(4)}"
+            client.create_bucket(Bucket=name)
+            return f"s3://{name}/{prefix}"
+        yield bucket
+    finally:
+        server.kill()
+        server.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -23,7 +23,8 @@ LAYERS = [
     ["blendtune.evaluation", "blendtune.checkpoint"],
     ["blendtune.strategies"],
     ["blendtune.models", "blendtune.data", "blendtune.optim"],
-    ["blendtune.functional", "blendtune.distributed", "blendtune.devices", "blendtune.registry", "blendtune.errors"],
+    ["blendtune.functional", "blendtune.distributed", "blendtune.devices", "blendtune.registry", "blendtune.errors",
+     "blendtune.storage"],
 ]
 
 

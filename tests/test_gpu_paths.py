@@ -94,7 +94,9 @@ def test_sweep_trials_share_a_gpu_with_gpus_per_trial():
     cfg = load_config(None, ["train.device=cuda", "sweep.gpus_per_trial=0.25", "sweep.cpus_per_worker=2"])
     assert trial_resources(cfg) == {"cpu": 2, "gpu": 0.25}         # four trials per GPU
     assert trial_resources(load_config(None, ["train.device=cuda"]))["gpu"] == 1.0
-    assert trial_resources(load_config(None, ["train.device=cpu", "sweep.gpus_per_trial=0.5"]))["gpu"] == 0.0
+    assert trial_resources(load_config(None, ["train.device=cpu"]))["gpu"] == 0.0
+    # set, it is reserved even for CPU trials: they land on (and pack onto) GPU nodes
+    assert trial_resources(load_config(None, ["train.device=cpu", "sweep.gpus_per_trial=0.5"]))["gpu"] == 0.5
     assert trial_resources(load_config(None, ["train.device=cuda", "workers=2"])) == {"cpu": 0.001}
 
 

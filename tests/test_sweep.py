@@ -18,7 +18,7 @@ from blendtune.runs import create_sweep_dir
 from blendtune.search_space import parse_space
 from blendtune.sweeps import run_sweep
 from blendtune.wandb_files import read_history
-from conftest import REPO, TINY, assert_wandb_matches_metrics
+from conftest import REPO, TINY, assert_wandb_matches_metrics, wandb_history
 
 SMALL = TINY + ["data.synthetic.num_train=150", "data.synthetic.num_test=60"]
 
@@ -37,6 +37,28 @@ def result_rows(trial_dir: Path) -> list[dict]:
 def blendtune(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "blendtune.cli", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=600, **kwargs)
+
+
+def test_every_trial_keeps_its_files_when_tune_reuses_worker_processes(tmp_path):
+    # 8 trials on 2 CPUs: Tune runs later trials in the processes of earlier ones (reuse_actors), and ASHA
+    # stops some mid-way. Each trial's folder in the sweep's storage has its own files, every epoch it ran.
+    run_dir, results = sweep(tmp_path, ["wandb=true", "train.epochs=3", "sweep.num_samples=8", "sweep.search=random",
+                                        "sweep.scheduler=asha", "sweep.grace_period=1", "sweep.reduction_factor=2"],
+                             {"optim.lr": {"loguniform": [1e-4, 0.3]}})
+    assert not [r for r in results if r.error]
+    trials = [d for d in (run_dir / "tune").iterdir() if (d / "params.json").is_file()]
+    assert len(trials) == 8
+    processes = {row["pid"] for d in trials for row in result_rows(d)}
+    assert len(processes) < len(trials), processes  # processes were reused
+    stopped = 0
+    for trial in trials:
+        epochs = [row["epoch"] for row in result_rows(trial)]
+        stopped += len(epochs) < 3
+        metrics = read_metrics(trial / "metrics.jsonl")
+        assert [m["epoch"] for m in metrics] == epochs == list(range(1, len(epochs) + 1)), trial.name
+        assert_wandb_matches_metrics(wandb_history(trial), metrics)
+        assert list(trial.glob("checkpoint_*/last.pt")), trial.name
+    assert stopped, "ASHA stopped no trial"
 
 
 def test_asha_with_optuna_stops_trials_early_and_the_sweep_finishes(tmp_path):
@@ -203,23 +225,23 @@ def test_a_killed_train_worker_is_restarted_from_the_last_checkpoint(tmp_path):
     assert out.strip().splitlines()[-1] == str(run_dir)
 
 
-def test_sweep_on_a_two_node_cluster(tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
+def test_a_grid_runs_each_point_once_and_the_report_never_counts_a_repeated_seed(tmp_path):
+    import blendtune
+    from blendtune.report import write_report
+    space = {"strategy": {"grid": ["naive", "modality_dropout"]}, "seed": {"grid": [0, 1]}}
+    base = {**{o.split("=")[0]: o.split("=", 1)[1] for o in SMALL}, "train.epochs": 1, "sweep.search": "grid",
+            "sweep.scheduler": "none", "output_dir": str(tmp_path)}
+    run_dir, results = blendtune.sweep(space=space, overrides=base)
+    assert len(results) == 4  # each point once: sweep.num_samples is unset
+    report = write_report(run_dir).read_text()
+    assert "| naive | 2 | 2 | 1 |" in report and "†" not in report
+    assert "| modality_dropout | 2 |" in report and "Difference to naive" in report
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        # trials of a few seconds each, so both run at once: one per 1-CPU node
-        run_dir, results = sweep(tmp_path, [f"sweep.address={cluster.address}", "train.epochs=3", "sweep.num_samples=2",
-                                            "data.synthetic.num_train=6000",
-                                            "sweep.scheduler=none", "sweep.search=random"],
-                                 {"optim.lr": {"choice": [0.01, 0.05]}})
-        assert not [r for r in results if r.error]
-        nodes = {r.metrics["node_id"] for r in results}
-        assert len(nodes) == 2  # one trial on each node (1 CPU each)
-        assert all(r.metrics["epoch"] == 3 for r in results)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    run_dir, results = blendtune.sweep(space=space, overrides={**base, "sweep.num_samples": 2})
+    assert len(results) == 8  # asked for: every point twice
+    report = write_report(run_dir).read_text()
+    # 4 trials of naive over 2 seeds: no interval, no paired difference, and the reason given
+    assert "| naive | 4 | 2 | 1 |" in report and "naive: 4 trials" in report
+    row = next(line for line in report.splitlines() if line.startswith("| naive |"))
+    assert "±" not in row and "†" in row
+    assert "Difference to naive" not in report
