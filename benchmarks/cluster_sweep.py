@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SETTINGS = ("one node, local storage", "3 nodes, shared directory", "3 nodes, S3")
+SETTINGS = ("one node, local storage", "one node, no actor reuse", "3 nodes, shared directory", "3 nodes, S3")
 
 
 def start_s3() -> tuple[subprocess.Popen, str]:
@@ -47,12 +47,23 @@ def start_s3() -> tuple[subprocess.Popen, str]:
     return server, "s3://blendtune-bench/sweeps"
 
 
-def run_sweep(args, address: str | None, storage: str | None, out: Path) -> dict:
+def cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU time the S3 server has used: on this machine it shares the cores with the trials."""
+    import psutil
+    times = psutil.Process(process.pid).cpu_times()
+    return times.user + times.system
+
+
+def run_sweep(args, address: str | None, storage: str | None, out: Path, extra: list[str]) -> dict:
+    # the same trials in every setting: a grid of learning rates, each point once
+    space = out.parent / "space.yaml"
+    lrs = [round(0.003 * 1.15 ** i, 6) for i in range(args.trials)]
+    space.write_text(f"optim.lr: {{grid: {lrs}}}\n")
     command = [sys.executable, "-m", "blendtune.cli", "sweep", "experiments/synthetic_naive.yaml",
-               "--space", "search_spaces/balancing_knobs.yaml", "data.synthetic.num_train=1500",
-               "data.synthetic.num_test=300", f"train.epochs={args.epochs}", f"sweep.num_samples={args.trials}",
-               "sweep.search=random", "sweep.scheduler=none", "train.progress=false", f"wandb={str(args.wandb).lower()}",
-               f"output_dir={out}"]
+               "--space", str(space), "data.synthetic.num_train=1500",
+               "data.synthetic.num_test=300", f"train.epochs={args.epochs}",
+               "sweep.search=grid", "sweep.scheduler=none", "train.progress=false", f"wandb={str(args.wandb).lower()}",
+               f"output_dir={out}", *extra]
     if address:
         command.append(f"sweep.address={address}")
     if storage:
@@ -109,28 +120,35 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.rounds):
                 for name in (SETTINGS if r % 2 == 0 else SETTINGS[::-1]):
-                    nodes, storage = {SETTINGS[0]: (1, None), SETTINGS[1]: (2, str(Path(tmp, "shared"))),
-                                      SETTINGS[2]: (2, bucket)}[name]
+                    nodes, storage, extra = {SETTINGS[0]: (1, None, []), SETTINGS[1]: (1, None, ["sweep.reuse_actors=false"]),
+                                             SETTINGS[2]: (2, str(Path(tmp, "shared")), []),
+                                             SETTINGS[3]: (2, bucket, [])}[name]
                     c = cluster(nodes)
+                    server_cpu = cpu_seconds(s3)
                     try:
-                        results[name].append(run_sweep(args, c.address, storage, Path(tmp, "runs")))
+                        results[name].append(run_sweep(args, c.address, storage, Path(tmp, "runs"), extra))
+                        results[name][-1]["s3_server_cpu_s"] = cpu_seconds(s3) - server_cpu
                     finally:
                         ray.shutdown()
-                        c.shutdown()
+                        try:
+                            c.shutdown()
+                        except Exception as e:  # a node that drains slowly: its processes are killed anyway
+                            print(f"cluster shutdown: {type(e).__name__}: {e}", flush=True)
                     print(f"round {r + 1}: {name}: {results[name][-1]}", flush=True)
     finally:
         s3.kill()
 
     base = statistics.mean(x["trials_per_min"] for x in results[SETTINGS[0]])
     print(f"\n{args.trials} trials x {args.epochs} epochs, {args.rounds} round(s), W&B {'on' if args.wandb else 'off'}")
-    print("| setting | trials/min | x one node | storage s/trial (blendtune's copies) | wall s |")
-    print("|---|---|---|---|---|")
+    print("| setting | trials/min | x one node | storage s/trial (blendtune's copies) | S3 server CPU s | wall s |")
+    print("|---|---|---|---|---|---|")
     for name, runs in results.items():
         tpm = statistics.mean(x["trials_per_min"] for x in runs)
         print(f"| {name} | {tpm:.1f} | {tpm / base:.2f} | {statistics.mean(x['files_s'] for x in runs):.3f} | "
+              f"{statistics.mean(x['s3_server_cpu_s'] for x in runs):.1f} | "
               f"{statistics.mean(x['wall_s'] for x in runs):.0f} |")
-    shared = statistics.mean(x["trials_per_min"] for x in results[SETTINGS[1]])
-    s3_tpm = statistics.mean(x["trials_per_min"] for x in results[SETTINGS[2]])
+    shared = statistics.mean(x["trials_per_min"] for x in results[SETTINGS[2]])
+    s3_tpm = statistics.mean(x["trials_per_min"] for x in results[SETTINGS[3]])
     print(f"\nS3 against the shared directory on the same cluster: {s3_tpm / shared:.2f}x trial throughput")
 
 

@@ -104,6 +104,8 @@ class SweepConfig:
     gpus_per_trial: Optional[float] = None  # 1-worker trials on a GPU: a fraction (0.25) lets 4 share one; unset: 1
     storage_path: Optional[str] = None  # where trials and checkpoints live; s3://... or gs://... on a cluster
     address: Optional[str] = None       # Ray cluster address; unset: $RAY_ADDRESS, else a local Ray
+    reuse_actors: bool = True    # 1-worker trials start in the process of a finished one (Tune's reuse_actors):
+                                 # no re-import of torch and re-build per trial (measured in the README)
 
 
 @dataclass

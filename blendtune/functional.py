@@ -131,6 +131,12 @@ def ogm_rho(unimodal_logits: Mapping[str, Tensor], targets: Tensor) -> dict[str,
     return dict(zip(unimodal_logits.keys(), rho.tolist()))
 
 
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor (no host sync): no element of `tensors` is inf or NaN. After unscaling, that is
+    GradScaler's test for letting the optimizer step run (found_inf)."""
+    return torch.stack([t.isfinite().all() for t in tensors]).all()
+
+
 def gradient_stds(grads: Sequence[Tensor]) -> list[Tensor]:
     """Per-tensor standard deviation (0 for one-element tensors), kept on device: no host sync."""
     return [g.std() if g.numel() > 1 else g.new_zeros(()) for g in grads]
@@ -215,9 +221,27 @@ def mmpareto_gradients(grads_fused: Sequence[Tensor], grads_unimodal: Sequence[T
 
 
 # ---- PMR (Fan et al., CVPR 2023) -----------------------------------------------------------------
+def class_quotas(counts: Sequence[int], size: int) -> list[int]:
+    """How many samples of each class a subset of `size` samples takes (PMR's prototype subset): as
+    equal as the classes allow, and at least one of every class with a sample when size >= the number
+    of such classes. A class smaller than its share gives all it has and the others share the rest; the
+    last few samples go to the classes listed first. At most sum(counts) in all."""
+    quotas = [0] * len(counts)
+    left = min(size, sum(counts))
+    while left > 0:
+        open_classes = [k for k, c in enumerate(counts) if quotas[k] < c]
+        share = max(1, left // len(open_classes))
+        for k in open_classes:
+            take = min(share, counts[k] - quotas[k], left)
+            quotas[k] += take
+            left -= take
+    return quotas
+
+
 def class_means(feature_sums: Tensor, counts: Tensor, previous: Tensor | None = None) -> Tensor:
     """Prototypes (K, D) from per-class feature sums (K, D) and counts (K,). A class with no sample keeps
-    its previous prototype (the authors' code divides by 0), or the mean over all samples at first."""
+    its previous prototype (the authors' code divides by 0), or the mean over all samples at first. (PMR's
+    stratified subset holds every class of the training set: only a class the training set lacks is empty.)"""
     means = feature_sums / counts.clamp_min(1).unsqueeze(1)
     empty = counts == 0
     if empty.any():

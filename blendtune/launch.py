@@ -23,8 +23,9 @@ CHECKPOINT_NAME = worker.CHECKPOINT.name  # the file inside a Ray checkpoint dir
 # Ray Train's controller polls workers every 2 s by default: that adds seconds to every short trial.
 # A worker group that times out waiting for resources leaks its placement group request, so Train
 # waits for resources instead (Tune already limits how many trials run at once).
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600", "RAY_DEDUP_LOGS": "0", "TUNE_GLOBAL_CHECKPOINT_S": "0",
-           "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600", "RAY_DEDUP_LOGS": "0",
+           "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore::DeprecationWarning",
+           "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}  # sweeps add the JSON logger themselves
 
 
 def train_locally(cfg, run_dir: Path, resume: bool) -> dict:

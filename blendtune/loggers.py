@@ -23,22 +23,53 @@ def _json_safe(value):
 
 class MetricsFile:
     """Appends one JSON object per epoch. Opening it drops the epochs after `from_epoch`, the epoch
-    training goes on from (a resumed checkpoint's, or 0 for a fresh start in a reused directory)."""
+    training goes on from (a resumed checkpoint's, or 0 for a fresh start in a reused directory), and a
+    torn last line (a write cut off by a kill: `records`)."""
 
     def __init__(self, path: Path, from_epoch: int = 0):
         self.path = path
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= from_epoch]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line, row in self.records(path) if row["epoch"] <= from_epoch] if from_epoch > 0 else []
+            # Replaced at once: a kill during this rewrite leaves the old file, not a truncated one (the
+            # next opening overwrites a `.metrics.jsonl.tmp` such a kill leaves).
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def __call__(self, metrics: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
 
+    @staticmethod
+    def records(path: Path) -> list[tuple[str, dict]]:
+        """(line, parsed row) of each epoch in a metrics.jsonl. A last line that does not parse is a write
+        cut off (a kill, a full disk, a node lost mid-append): dropped, and said once on stderr. A line
+        before it that does not parse is damage no blendtune write makes: a UserError naming the line."""
+        from blendtune.errors import UserError
+
+        path = Path(path)
+        lines = [(n, line) for n, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(),
+                                                   start=1) if line.strip()]
+        records = []
+        for i, (n, line) in enumerate(lines):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                    raise ValueError("not an object with an integer 'epoch'")
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                if i == len(lines) - 1:
+                    print(f"blendtune: {path.name}: dropped a torn last line (a write cut off)", file=sys.stderr,
+                          flush=True)
+                    break
+                raise UserError(f"'{path}' line {n} is not an epoch's metrics ({str(e).splitlines()[0]}): the file "
+                                "is damaged before its last line; fix or delete that line and retry") from None
+            records.append((line, row))
+        return records
+
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The epochs of a metrics.jsonl, without a torn last line (`MetricsFile.records`)."""
+    return [row for _, row in MetricsFile.records(path)]
 
 
 class EpochTable:

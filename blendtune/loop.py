@@ -99,6 +99,7 @@ class LoopContext:
 
     steps_per_epoch = property(lambda self: len(self._trainer.train_loader))
     train_size = property(lambda self: len(self._trainer.splits.train))
+    train_targets = property(lambda self: self._trainer.splits.train.targets)
 
     def features(self, model: LateFusionClassifier, indices) -> Iterator[tuple[dict, torch.Tensor]]:
         """(fp32 features per modality, targets) of this rank's shard of the training samples `indices`,

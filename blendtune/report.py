@@ -53,8 +53,16 @@ def sweep_storage(run_dir: Path) -> str:
 
 
 def load_trials(run_dir: Path) -> list[dict]:
-    base, _, _ = load_sweep(run_dir)
     experiment = storage.join(sweep_storage(run_dir), EXPERIMENT)
+    try:
+        return _load_trials(run_dir, experiment)
+    except OSError as e:  # pyarrow's S3 and HTTP errors: an endpoint, a bucket or credentials gone
+        reason = " ".join(str(e).split())
+        raise UserError(f"cannot read the sweep's trials at '{experiment}' (sweep.storage_path): {reason[:300]}") from None
+
+
+def _load_trials(run_dir: Path, experiment: str) -> list[dict]:
+    base, _, _ = load_sweep(run_dir)
     if not storage.is_dir(experiment):
         raise UserError(f"no Tune results at '{experiment}' (the sweep's storage path)")
     trials = []

@@ -101,7 +101,8 @@ def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], vari
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / f"{cfg.name}-{kind}-{stamp}"
     if cfg.sweep.storage_path:  # shared storage (s3://..., an NFS mount): reachable and writable, or one line
-        storage = storage_lib.join(storage_lib.absolute(cfg.sweep.storage_path), run_dir.name)
+        storage = storage_lib.with_single_put_writes(
+            storage_lib.join(storage_lib.absolute(cfg.sweep.storage_path), run_dir.name))
         storage_lib.check_writable(storage, "sweep.storage_path")
     else:
         storage = str(run_dir.resolve())

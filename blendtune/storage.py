@@ -28,12 +28,23 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
-    """`s3://b/p` + `tune` -> `s3://b/p/tune`; a local path stays a local path (never through Path(),
-    which would turn `s3://` into `s3:/`)."""
+    """`s3://b/p` + `tune` -> `s3://b/p/tune`, options kept (`s3://b/p/tune?allow_delayed_open=true`); a
+    local path stays a local path (never through Path(), which would turn `s3://` into `s3:/`)."""
     base = str(base)
     if not is_url(base):
         return str(Path(base, *parts))
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    head, question, options = base.partition("?")
+    return "/".join([head.rstrip("/"), *(p.strip("/") for p in parts)]) + question + options
+
+
+def with_single_put_writes(uri: str) -> str:
+    """An s3:// URL with pyarrow's `allow_delayed_open=true`: a small file is then one PUT instead of a
+    three-request multipart upload, for Ray's uploads (it opens the storage path with the same URL) and
+    ours. The cost pyarrow names, an error seen only when the file is closed, does not apply: every
+    write here is closed at once, and the storage is checked before a sweep starts."""
+    if not uri.startswith("s3://") or "allow_delayed_open" in uri:
+        return uri
+    return uri + ("&" if "?" in uri else "?") + "allow_delayed_open=true"
 
 
 def absolute(path: str | os.PathLike) -> str:
@@ -165,29 +176,32 @@ class TrialFiles:
     def _is_ours(relative: str) -> bool:
         # Tune and Train write their own files into the same trial directory: leave them alone
         top = relative.split("/", 1)[0]
-        return top in ("metrics.jsonl", "wandb", "diverged.txt")
+        return top in ("metrics.jsonl", "wandb", "diverged.txt") and not TrialFiles._is_debug_log(relative)
+
+    @staticmethod
+    def _is_debug_log(relative: str) -> bool:
+        # W&B's own debug logs grow with every epoch and `wandb sync` does not need them
+        return relative.startswith("wandb/") and "/logs/" in relative
 
     def _push(self) -> None:
         fs, path = filesystem(self.remote)
         changed = []
         for file in self._files():
             relative = file.relative_to(self.local).as_posix()
+            if self._is_debug_log(relative):
+                continue
             stat = file.stat()
             if self._pushed.get(relative) != (stat.st_mtime_ns, stat.st_size):
                 changed.append((relative, (stat.st_mtime_ns, stat.st_size)))
-        if not changed:
-            return
-        fs.create_dir(path, recursive=True)
         for relative, signature in changed:
             target = f"{path}/{relative}"
             parent = target.rsplit("/", 1)[0]
-            if parent != path:
-                fs.create_dir(parent, recursive=True)
             data = (self.local / relative).read_bytes()
-            if is_url(self.remote):
-                with fs.open_output_stream(target) as f:  # one PUT: readers see the old object or the new
+            if is_url(self.remote):  # an object store has no folders to make: each request costs
+                with fs.open_output_stream(target) as f:  # readers see the old object or the new
                     f.write(data)
             else:
+                fs.create_dir(parent, recursive=True)
                 tmp = f"{parent}/.{relative.rsplit('/', 1)[-1]}.tmp"
                 with fs.open_output_stream(tmp) as f:
                     f.write(data)

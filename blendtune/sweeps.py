@@ -8,7 +8,9 @@ own latest checkpoint; when Tune stops such a trial early its worker placement g
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -305,21 +307,47 @@ def run_sweep(cfg, space: dict[str, Distribution], run_dir: Path, trial_config: 
     import ray
 
     storage = json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"]
+    if resume:  # the storage may have gone since the sweep started (credentials, endpoint): one line, no Ray
+        storage_lib.check_writable(storage, "sweep.storage_path")
     started = init_ray(cfg.sweep.address, log_to_driver=False)  # trials log to files, W&B and Tune's table
     try:
-        return _fit(cfg, space, run_dir, trial_config, variants, resume, storage)
+        with _environment(TUNE_GLOBAL_CHECKPOINT_S=state_save_seconds(storage)):
+            return _fit(cfg, space, run_dir, trial_config, variants, resume, storage)
     finally:
         if started:
             ray.shutdown()
 
 
+def state_save_seconds(storage: str) -> str:
+    """How often Tune saves its experiment state (TUNE_GLOBAL_CHECKPOINT_S). It records each trial's latest
+    checkpoint, so a resumed sweep redoes at most what happened since: every step on a local or shared
+    directory (cheap). On an object store each save uploads every trial's result files again (a 24-trial
+    sweep made ~10 saves a second, and S3 requests dominated its cost): every 2 s there."""
+    return "2" if storage_lib.is_url(storage) else "0"
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables the user has not set, for the duration of the block."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def _fit(cfg, space, run_dir, trial_config, variants, resume, storage):
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     trainable = _trainable(cfg, trial_config, run_dir.name, storage)
     experiment = storage_lib.join(storage, EXPERIMENT)
     backup = _experiment_state_backup_callback(experiment)
-    callbacks = [_release_train_workers_callback(), backup]
+    # Tune's result.json is what reports read; its CSV and TensorBoard copies (off by TUNE_DISABLE_AUTO_
+    # CALLBACK_LOGGERS in launch.RAY_ENV) would be uploaded again with every sync of the experiment
+    callbacks = [JsonLoggerCallback(), _release_train_workers_callback(), backup]
     params = param_space(space, variants)
     if resume:
         for line in repair_experiment_state(experiment):
@@ -336,7 +364,7 @@ def _fit(cfg, space, run_dir, trial_config, variants, resume, storage):
             trainable, param_space=params,
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=scheduler,
                                         num_samples=samples_per_point(s), max_concurrent_trials=max_concurrent,
-                                        reuse_actors=cfg.workers == 1),  # no re-import of torch per trial
+                                        reuse_actors=cfg.workers == 1 and s.reuse_actors),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
                                       callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),

@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -151,11 +152,12 @@ def assert_wandb_matches_metrics(history: list[dict], rows: list[dict]) -> None:
 
 
 # ---- a real S3 API server on localhost (moto's standalone server, as Ray's own tests use) ------------
-@pytest.fixture(scope="session")
-def s3_server():
+@contextlib.contextmanager
+def s3_server_process(check_credentials: bool = False):
     """Starts `moto_server` on a free loopback port and points the AWS environment at it (pyarrow and
     Ray read AWS_ENDPOINT_URL and the keys from there; Ray processes started later inherit them).
-    Yields a function that makes a fresh bucket and returns its s3:// URL."""
+    With `check_credentials`, the server accepts only keys it issued (one unauthenticated call is left
+    for making a bucket). Yields a function that makes a fresh bucket and returns its s3:// URL."""
     import secrets
     import socket
     import subprocess
@@ -165,8 +167,9 @@ def s3_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    server_env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "1"} if check_credentials else {})}
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=server_env)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "blendtune-test",
            "AWS_SECRET_ACCESS_KEY": "blendtune-test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
@@ -197,3 +200,9 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with s3_server_process() as bucket:
+        yield bucket

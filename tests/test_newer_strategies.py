@@ -2,15 +2,17 @@
 and the line of the authors' code it comes from), and their steps through the real training loop against
 direct re-implementations of the authors' code."""
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY
+from conftest import REPO, TINY
 from blendtune.config import load_config
 from blendtune.errors import UserError
-from blendtune.functional import (class_means, entropy_fusion_weights, mean_entropy, mmpareto_gradients,
+from blendtune.functional import (class_means, class_quotas, entropy_fusion_weights, mean_entropy, mmpareto_gradients,
                                   owm_projector_update, pareto_weight, pmr_coefficients, prototype_logits)
 from blendtune.models import FUSED
 from blendtune.worker import build_trainer
@@ -81,6 +83,17 @@ def _authors_mmpareto(model, out_fn, targets, multiplier=1.5):
     return result
 
 
+def _step(trainer, batch):
+    """The loop's own step (every turn) on one batch."""
+    trainer._train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, True)
+
+
+def _overflowing_next_step(trainer):
+    """A loss scale under which the next step's fp16 gradients overflow to inf/NaN, as a GradScaler whose
+    scale grew too far: the scaler skips the optimizer step (and halves the scale)."""
+    trainer.scaler.update(new_scale=2.0 ** 100)
+
+
 def _gradients_at_step(trainer, batch):
     """Run the loop's own step on one batch; the gradients the optimizer received."""
     seen = {}
@@ -124,6 +137,25 @@ def test_mmpareto_under_fp16_sees_the_same_gradients_as_fp32():
         assert (grads["fp16"][name] - want).norm() <= 0.05 * want.norm() + 1e-6, name  # unscaled: 65536x
 
 
+def test_mmpareto_leaves_a_step_the_scaler_skips_out_of_the_epoch_statistics():
+    # Its cos and w are NaN on inf/NaN gradients: summed in, they made the epoch's metrics NaN (and
+    # `cos <= 0` counted the step as no conflict). Two steps, the second skipped, report the first alone.
+    batch, metrics = None, {}
+    for skipped in (False, True):
+        trainer = _trainer("mmpareto", ["train.amp=fp16"])
+        batch = batch or next(iter(trainer.train_loader))
+        _step(trainer, batch)
+        if skipped:
+            _overflowing_next_step(trainer)
+            params = [p.detach().clone() for p in trainer.model.parameters()]
+            _step(trainer, batch)
+            assert trainer.scaler.get_scale() == 2.0 ** 99  # the scaler skipped it: nothing moved
+            assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), params))
+        metrics[skipped] = trainer.strategy.pop_epoch_metrics()
+    assert all(math.isfinite(v) for v in metrics[True].values()), metrics[True]
+    assert metrics[True] == metrics[False]
+
+
 # ---- PMR ----------------------------------------------------------------------------------------
 def test_pmr_prototypes_distances_and_losses_by_hand():
     features = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
@@ -157,7 +189,7 @@ def test_pmr_prototypes_are_class_means_of_its_training_subset():
     trainer = _trainer("pmr")
     strategy = trainer.strategy
     strategy.on_epoch_start(1, trainer.context)
-    subset = trainer.splits.train.subset(strategy._subset(len(trainer.splits.train)))
+    subset = trainer.splits.train.subset(strategy._subset(trainer.context.train_targets))
     model = trainer.model.eval()
     with torch.no_grad():
         feats = model.encoders(subset.inputs)
@@ -166,6 +198,71 @@ def test_pmr_prototypes_are_class_means_of_its_training_subset():
             members = f[subset.targets == c]
             if len(members):
                 assert torch.allclose(strategy.prototypes[m][c], members.mean(0), atol=1e-5), (m, c)
+
+
+def _prototypes_by_epoch(trainer):
+    """Train; at each epoch start: the subset PMR read, its prototypes, and each class's mean feature over
+    that subset from the model as it is then (by hand; NaN for a class with no sample in the subset)."""
+    seen = []
+    features, start = trainer.training_features, trainer.strategy.on_epoch_start
+
+    def read(model, indices):
+        seen.append({"indices": np.asarray(indices)})
+        return features(model, indices)
+
+    def on_epoch_start(epoch, context):
+        start(epoch, context)
+        subset = trainer.splits.train.subset(seen[-1]["indices"])
+        model, was_training = trainer.model, trainer.model.training
+        with torch.no_grad():
+            feats = model.eval().encoders(subset.inputs)
+        model.train(was_training)
+        seen[-1]["prototypes"] = {m: p.clone() for m, p in trainer.strategy.prototypes.items()}
+        seen[-1]["means"] = {m: torch.stack([f[subset.targets == c].mean(0) for c in range(trainer.splits.num_classes)])
+                             for m, f in feats.items()}
+    trainer.training_features, trainer.strategy.on_epoch_start = read, on_epoch_start
+    trainer.fit()
+    return seen
+
+
+def test_pmr_subset_holds_every_class_so_every_prototype_is_its_own_and_moves():
+    # The shipped example: 399 training samples of 10 classes, a 40-sample subset. Drawn at random it left
+    # class 9 out, whose prototype then stayed the untrained model's all-sample mean for the whole run.
+    overrides = ["train.epochs=2", "train.progress=false", "wandb=false"]
+    trainer = build_trainer(load_config(REPO / "experiments" / "synthetic_pmr.yaml", overrides))
+    first, second = _prototypes_by_epoch(trainer)
+    labels = trainer.splits.train.targets[first["indices"]]
+    assert torch.bincount(labels, minlength=10).tolist() == [4] * 10  # stratified: 40 / 10 classes
+    for m in trainer.model.modalities:
+        for epoch in (first, second):  # every class's prototype is the mean of its own samples
+            assert torch.allclose(epoch["prototypes"][m], epoch["means"][m], atol=1e-5), m
+        moved = (second["prototypes"][m] - first["prototypes"][m]).norm(dim=1)
+        assert (moved > 1e-3).all(), (m, moved.tolist())
+
+
+def test_pmr_subset_is_even_across_classes_and_grows_to_one_per_class():
+    assert class_quotas([50] * 10, 40) == [4] * 10
+    assert class_quotas([1, 100, 100], 10) == [1, 5, 4]  # a small class gives what it has
+    assert class_quotas([0, 3, 5], 3) == [0, 2, 1]       # a class the training set lacks takes nothing
+    assert class_quotas([2, 2], 10) == [2, 2]
+    trainer = _trainer("pmr", ["pmr.prototype_fraction=0.01"])  # 0.01 x 160 samples: 2 < 10 classes
+    subset = trainer.strategy._subset(trainer.context.train_targets)
+    assert torch.bincount(trainer.splits.train.targets[subset]).tolist() == [1] * 10
+
+
+def test_pmr_prototype_ema_starts_at_epoch_3_as_the_authors():
+    # The authors' calculate_prototype skips the EMA for epoch <= 0 and is called with epoch 0 before
+    # training and after the first epoch (main_Prototype_grad.py 435-440, 532-557): the prototypes are plain
+    # class means at epochs 1 and 2, then c <- 0.2 c_old + 0.8 c_new. (The whole training set as subset.)
+    trainer = _trainer("pmr", ["train.epochs=3", "pmr.momentum=0.2", "pmr.prototype_fraction=1.0"])
+    seen = _prototypes_by_epoch(trainer)
+    raw = [epoch["means"] for epoch in seen]  # class means of the model at the start of epochs 1, 2, 3
+    for m in trainer.model.modalities:
+        expected = [raw[0][m], raw[1][m], 0.2 * raw[1][m] + 0.8 * raw[2][m]]
+        for epoch, (got, want) in enumerate(zip(seen, expected), start=1):
+            assert torch.allclose(got["prototypes"][m], want, atol=1e-5), (m, epoch)
+        blended_from_epoch_2 = 0.2 * (0.2 * raw[0][m] + 0.8 * raw[1][m]) + 0.8 * raw[2][m]
+        assert not torch.allclose(seen[2]["prototypes"][m], blended_from_epoch_2, atol=1e-4)
 
 
 def test_pmr_loss_adds_the_prototype_loss_of_the_modality_behind_only():
@@ -228,6 +325,24 @@ def test_mla_steps_once_per_modality_through_the_shared_head_and_projects_its_gr
     for g, r, p in zip(stepped[1:], raw[1:], projectors[1:]):
         assert torch.allclose(g, r @ p.T, atol=1e-6)
     assert not torch.allclose(stepped[1], raw[1], atol=1e-4)
+
+
+def test_mla_projector_learns_nothing_from_steps_the_scaler_skips():
+    # P is updated between turns from the features alone; under fp16 a turn whose gradients overflow is
+    # skipped by the grad scaler (parameters unchanged), so P must stay as it was too, bit for bit.
+    trainer = _trainer("mla", ["train.amp=fp16"])
+    batches = iter(trainer.train_loader)
+    _step(trainer, next(batches))  # past the run's free first turn: the next turns would update P
+    projector = trainer.strategy.projector.clone()
+    params = [p.detach().clone() for p in trainer.model.parameters()]
+    _overflowing_next_step(trainer)
+    _step(trainer, next(batches))
+    assert trainer.scaler.get_scale() == 2.0 ** 98  # both turns skipped
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), params))
+    assert torch.equal(trainer.strategy.projector, projector)
+    trainer.scaler.update(new_scale=2.0 ** 16)
+    _step(trainer, next(batches))  # steps that run update P again
+    assert not torch.equal(trainer.strategy.projector, projector)
 
 
 def test_mla_later_turns_see_the_head_after_the_earlier_step():

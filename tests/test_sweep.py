@@ -83,6 +83,11 @@ def test_asha_with_multi_worker_train_trials_releases_their_workers(tmp_path):
     trials = load_trials(run_dir)
     assert len(trials) == 3 and all(t["history"] for t in trials)
     assert min(len(t["history"]) for t in trials) < 3  # ASHA stopped at least one
+    for t in trials:  # rank 0 of each trial's Train run kept its metrics in the trial's folder, every epoch
+        epochs = [m["epoch"] for m in read_metrics(run_dir / "tune" / t["trial"] / "metrics.jsonl")]
+        # Train workers do not wait for Tune: a trial Tune stopped may have trained epochs Tune never heard of
+        assert epochs[:len(t["history"])] == [row["epoch"] for row in t["history"]], t["trial"]
+        assert epochs == list(range(1, len(epochs) + 1)), t["trial"]
 
 
 def test_pbt_exploit_restores_the_donor_trials_weights(tmp_path):

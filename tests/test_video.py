@@ -3,8 +3,14 @@
 Test files come from write_test_video: torchcodec's VideoEncoder (H.264 with Debian's FFmpeg) and
 AudioEncoder (AAC), muxed by the ffmpeg command line. Colours survive RGB -> YUV 4:2:0 -> H.264 -> RGB
 within COLOUR_TOLERANCE levels (a constant frame loses nothing to chroma subsampling; what is left is
-the limited-range YUV rounding and quantisation of flat blocks, measured at <= 3)."""
+the limited-range YUV rounding and quantisation of flat blocks, measured at <= 3).
+
+Every test needs FFmpeg (its shared libraries for torchcodec, its CLI to mux the test files): without it they
+are skipped with what is missing and the command to install it, except with CI=true, where they fail (CI
+installs FFmpeg, so a skip there would hide that these tests never ran)."""
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -18,6 +24,27 @@ FRAMES, SIZE, FPS = 10, 32, 10
 COLOUR_TOLERANCE = 8  # max |mean decoded - encoded| per channel, in uint8 levels
 # Frame i has its own constant colour; any two differ by >= 40 levels in some channel.
 COLOURS = torch.tensor([[(40 * i + 20) % 256, 230 - 20 * i, (90 * i + 30) % 256] for i in range(FRAMES)])
+
+
+def ffmpeg_missing() -> str | None:
+    """What of FFmpeg this machine lacks, with the command to install it; None when all is there."""
+    try:
+        video._codec()
+    except UserError as e:
+        return str(e)
+    if shutil.which("ffmpeg") is None:
+        return f"the ffmpeg command line (it muxes the test videos) is not on PATH; install it: {video.INSTALL_FFMPEG}"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def needs_ffmpeg():
+    """Set up before any other fixture of this module (autouse, module scope): skip or, under CI, fail."""
+    missing = ffmpeg_missing()
+    if missing and os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but the video tests cannot run: {missing}", pytrace=False)
+    if missing:
+        pytest.skip(missing)
 
 
 def constant_frames(colours=COLOURS, size=SIZE) -> torch.Tensor:

@@ -4,8 +4,9 @@ Frames: the indices come from `pick_frames` over the video's frame count (random
 training, evenly spaced in evaluation), and only those frames are decoded, in one batched call.
 Audio: the file's audio stream, downmixed to mono and resampled by torchcodec (FFmpeg's swresample).
 
-torchcodec needs FFmpeg's shared libraries (Debian: `apt-get install ffmpeg`); it is imported on first
-use, so a machine without them gets a one-line UserError instead of an ImportError at import time.
+torchcodec needs FFmpeg's shared libraries (Debian: `apt-get install ffmpeg`; `make test` installs them when
+run as root); it is imported on first use, so a machine without them gets a one-line UserError instead of an
+ImportError at import time.
 """
 from __future__ import annotations
 
@@ -33,9 +34,18 @@ def _codec():
     try:
         from torchcodec import decoders, encoders
     except (ImportError, OSError, RuntimeError) as e:
-        raise UserError("torchcodec cannot load FFmpeg's shared libraries (install them: apt-get install ffmpeg): "
-                        f"{_reason(e)}") from None
+        raise UserError(f"torchcodec cannot load FFmpeg's shared libraries ({_load_failure(e)}); install them: "
+                        f"{INSTALL_FFMPEG}") from None
     return decoders, encoders
+
+
+INSTALL_FFMPEG = "sudo apt-get install ffmpeg (macOS: brew install ffmpeg)"
+
+
+def _load_failure(e: BaseException) -> str:
+    """torchcodec's load error in a line: it tries one libavutil per FFmpeg major it supports (4-8)."""
+    tried = list(dict.fromkeys(re.findall(r"libavutil\.so\.\d+", str(e))))
+    return f"none of {', '.join(tried)} loads" if tried else _reason(e)
 
 
 def _reason(e: BaseException) -> str:

@@ -51,6 +51,7 @@ class TrainingContext(Protocol):
 
     steps_per_epoch: int                    # batches per training epoch on this rank
     train_size: int                         # training samples (all ranks)
+    train_targets: torch.Tensor             # their classes (multi-label: multi-hot rows); PMR's stratified subset
 
     def train_head(self, model: LateFusionClassifier, head: str, epochs: int) -> None:
         """Train `model` (a copy) on head `head`'s loss alone for `epochs` epochs, with the loop's step."""

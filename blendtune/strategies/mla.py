@@ -19,7 +19,7 @@ import torch
 
 from blendtune import distributed
 from blendtune.errors import OptionError, UserError
-from blendtune.functional import classification_loss, owm_projector_update
+from blendtune.functional import all_finite, classification_loss, owm_projector_update
 from blendtune.models import ModelOutput
 from blendtune.models.fusion import SharedHeadFusion
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy, TrainingContext
@@ -96,7 +96,10 @@ class MLA(BalancingStrategy):
             mean_feature = total[:-1] / total[-1].clamp_min(1)  # the global batch's mean feature
             batch_index = step - self._epoch_first_step
             alpha = 0.1 ** (1 + batch_index / self._steps_per_epoch)  # 0.1 -> 0.01 over each epoch (authors)
-            self.projector = owm_projector_update(self.projector, mean_feature, alpha)
+            # P learns only from turns whose optimizer step runs: the grad scaler skips a step with an inf/NaN
+            # gradient (fp16 overflow; the loop unscaled them already), leaving the parameters, so P as well.
+            stepped = all_finite([p.grad for p in self.model.parameters() if p.grad is not None])
+            self.projector = torch.where(stepped, owm_projector_update(self.projector, mean_feature, alpha), self.projector)
             grad = self.head.weight.grad
             grad.copy_((grad.float() @ self.projector.T).to(grad.dtype))
         self.projections += 1

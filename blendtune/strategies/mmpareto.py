@@ -46,8 +46,7 @@ class MMPareto(BalancingStrategy):
         self._reset_epoch_sums()
 
     def _reset_epoch_sums(self) -> None:
-        self._cos_sum = self._weight_sum = self._conflicts = None
-        self._steps = 0
+        self._cos_sum = self._weight_sum = self._conflicts = self._steps = None
 
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         self._losses = head_losses(out, targets, self.model.head_names)
@@ -79,22 +78,28 @@ class MMPareto(BalancingStrategy):
             cos.append(c)
             weights.append(w)
         cos, weights = torch.stack(cos), torch.stack(weights)
+        # A step with an inf/NaN gradient (fp16 overflow: the grad scaler skips it) has NaN cos and w: it is
+        # left out of the epoch's statistics, for every modality, without a host sync.
+        counted = (cos.isfinite() & weights.isfinite()).all()
+        cos, weights = (torch.where(counted, t, torch.zeros_like(t)) for t in (cos, weights))
+        conflicts = (counted & (cos <= 0)).float()
+        counted = counted.float()
         self._cos_sum = cos if self._cos_sum is None else self._cos_sum + cos
         self._weight_sum = weights if self._weight_sum is None else self._weight_sum + weights
-        conflicts = (cos <= 0).float()
         self._conflicts = conflicts if self._conflicts is None else self._conflicts + conflicts
-        self._steps += 1
+        self._steps = counted if self._steps is None else self._steps + counted
         self._losses = {}
 
     def pop_epoch_metrics(self) -> dict[str, float]:
-        if not self._steps:
-            return {}
-        n = self._steps
-        cos, weight, conflicts = ((t / n).tolist() for t in (self._cos_sum, self._weight_sum, self._conflicts))
+        n = 0.0 if self._steps is None else self._steps.item()  # steps with finite gradients
+        sums = self._cos_sum, self._weight_sum, self._conflicts
         self._reset_epoch_sums()
+        if not n:
+            return {}
+        cos, weight, conflicts = ((t / n).tolist() for t in sums)
         metrics = {}
         for i, m in enumerate(self.model.modalities):
             metrics[f"mmpareto/cos/{m}"] = cos[i]                # mean cosine of g_fused and g_m on encoder m
-            metrics[f"mmpareto/conflict/{m}"] = conflicts[i]     # share of steps with cos <= 0
+            metrics[f"mmpareto/conflict/{m}"] = conflicts[i]     # share of steps with cos <= 0 (finite gradients)
             metrics[f"mmpareto/weight_fused/{m}"] = weight[i]    # mean weight on the fused loss's gradient
         return metrics

@@ -2,11 +2,12 @@
 fanyunfeng-bit/Modal-Imbalance-PMR, main_Prototype_grad.py).
 
 Each modality's encoder features get class prototypes: per-class means over a fixed fraction of the
-training set, recomputed at the start of every epoch without gradients (optionally an EMA of the old
-ones). The prototype classifier's probabilities p_u = softmax(-|z_u - c_k|) measure how far each
-modality has learned: rho_u = sum_batch p_u[y] / mean of the other modalities'. The modality behind
-(rho_u < 1) gets its prototypical cross-entropy added to the fused loss, which accelerates its encoder
-without touching the others:
+training set (stratified: every class is in it), recomputed at the start of every epoch without
+gradients (optionally, from epoch 3 on, an EMA of the old ones, as in the authors' code). The prototype
+classifier's probabilities p_u = softmax(-|z_u - c_k|) measure how far each modality has learned:
+rho_u = sum_batch p_u[y] / mean of the other modalities'. The modality behind (rho_u < 1) gets its
+prototypical cross-entropy added to the fused loss, which accelerates its encoder without touching
+the others:
 
     L = CE_fused + alpha * sum_u beta_u * PCE_u  -  mu * sum_u (sum_{w != u} beta_w) * H(p_u)   [epoch <= entropy_epochs]
 
@@ -23,8 +24,8 @@ import torch
 
 from blendtune import distributed
 from blendtune.errors import OptionError
-from blendtune.functional import (class_means, classification_loss, discrepancy_ratios, mean_entropy, pmr_coefficients,
-                                  prototype_logits)
+from blendtune.functional import (class_means, class_quotas, classification_loss, discrepancy_ratios, mean_entropy,
+                                  pmr_coefficients, prototype_logits)
 from blendtune.models import FUSED, ModelOutput
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy, TrainingContext
 
@@ -35,8 +36,10 @@ class PMROptions:
     rule: str = "code"               # code: the weaker modality's weight is alpha | paper: alpha * clip(1/rho - 1, 0, 1)
     mu: float = 0.0                  # PER: entropy regularisation of the dominant modality (paper: 1e-2 / 1e-3)
     entropy_epochs: int = 0          # PER in epochs [1, entropy_epochs] (the paper's E_r, no value given)
-    momentum: float = 0.0            # c <- momentum * c_old + (1 - momentum) * c_new (the authors' runs: 0)
-    prototype_fraction: float = 0.1  # of the training set, fixed per run, for the prototypes
+    momentum: float = 0.0            # c <- momentum * c_old + (1 - momentum) * c_new, from epoch 3 (authors' runs: 0)
+    # Of the training set, fixed per run, for the prototypes; stratified: every class at least one sample,
+    # as evenly as the class sizes allow (a fraction giving fewer samples than classes grows to one per class).
+    prototype_fraction: float = 0.1
     modulation_start: int = 1        # the prototype loss in epochs [start, end] (1-based, inclusive)
     modulation_end: int = 1_000_000
 
@@ -66,16 +69,25 @@ class PMR(BalancingStrategy):
         self._rho_sum = self._beta_sum = None
         self._steps = 0
 
-    def _subset(self, train_size: int) -> np.ndarray:
-        """The same samples every epoch and on every rank (seeded by the run's seed alone)."""
-        n = max(1, round(self.options.prototype_fraction * train_size))
-        return np.sort(np.random.default_rng(self.seed + 104_729).choice(train_size, n, replace=False))
+    def _subset(self, targets: torch.Tensor) -> np.ndarray:
+        """The same samples every epoch and on every rank (seeded by the run's seed alone), stratified by
+        class: a class missing from the subset would have no prototype of its own and keep the untrained
+        model's (class_means' fallback) for the whole run. At least one sample per class of the training
+        set, as evenly as the class sizes allow (`functional.class_quotas`)."""
+        targets = torch.as_tensor(targets)  # a user's dataset may hold them as a list or an array
+        if targets.is_floating_point():
+            raise ValueError("pmr: prototypes need single-label classes (targets are multi-hot)")
+        labels = targets.cpu().numpy()
+        counts = np.bincount(labels)
+        size = max(round(self.options.prototype_fraction * len(labels)), int((counts > 0).sum()))
+        members = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])  # per class, in index order
+        rng = np.random.default_rng(self.seed + 104_729)
+        return np.sort(np.concatenate([rng.choice(idx, quota, replace=False)
+                                       for idx, quota in zip(members, class_quotas(counts.tolist(), size))]))
 
     def on_epoch_start(self, epoch: int, context: TrainingContext) -> None:
         sums, counts = None, None
-        for feats, targets in context.features(self.model, self._subset(context.train_size)):
-            if targets.is_floating_point():
-                raise ValueError("pmr: prototypes need single-label classes (targets are multi-hot)")
+        for feats, targets in context.features(self.model, self._subset(context.train_targets)):
             if sums is None:
                 k = self._num_classes()
                 sums = {m: f.new_zeros(k, f.shape[1], dtype=torch.float64) for m, f in feats.items()}
@@ -90,12 +102,17 @@ class PMR(BalancingStrategy):
             counts = torch.zeros(k, dtype=torch.float64, device=device)
         distributed.all_reduce_sum_(counts)
         previous = self.prototypes or {}
+        # The EMA starts at epoch 3, blending in epoch 2's prototypes: the untrained model's (epoch 1's)
+        # never enter it. The authors' calculate_prototype skips the EMA for `epoch <= 0`, and they call it
+        # with epoch 0 before training and again after the first epoch (main_Prototype_grad.py 435-440, 532-557).
+        blend = epoch >= 3
+        momentum = self.options.momentum
         fresh = {}
         for m in self.model.modalities:
             distributed.all_reduce_sum_(sums[m])
             old = previous.get(m)
             new = class_means(sums[m], counts, old.double() if old is not None else None).float()
-            fresh[m] = new if old is None else self.options.momentum * old + (1 - self.options.momentum) * new
+            fresh[m] = momentum * old + (1 - momentum) * new if blend and old is not None else new
         self.prototypes = fresh
 
     def _num_classes(self) -> int:
