@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -138,8 +139,21 @@ def main() -> None:
     finally:
         s3.kill()
 
+    lines = summary(args, results)
+    print("\n" + "\n".join(lines))
+    out = REPO / "benchmarks" / "results" / "cluster_sweep.md"
+    out.write_text("# cluster_sweep\n\n" + f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+                   f"`{' '.join(sys.argv)}`\n\n" + "\n".join(lines) + "\n")
+    with open(out.with_suffix(".json"), "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+def summary(args, results: dict[str, list[dict]]) -> list[str]:
+    lines: list[str] = []
+    print = lines.append  # the table goes to the terminal and to results/cluster_sweep.md
     base = statistics.mean(x["trials_per_min"] for x in results[SETTINGS[0]])
-    print(f"\n{args.trials} trials x {args.epochs} epochs, {args.rounds} round(s), W&B {'on' if args.wandb else 'off'}")
+    print(f"{args.trials} trials x {args.epochs} epochs, {args.rounds} round(s), W&B {'on' if args.wandb else 'off'}")
+    print("")
     print("| setting | trials/min | x one node | storage s/trial (blendtune's copies) | S3 server CPU s | wall s |")
     print("|---|---|---|---|---|---|")
     for name, runs in results.items():
@@ -149,7 +163,9 @@ def main() -> None:
               f"{statistics.mean(x['wall_s'] for x in runs):.0f} |")
     shared = statistics.mean(x["trials_per_min"] for x in results[SETTINGS[2]])
     s3_tpm = statistics.mean(x["trials_per_min"] for x in results[SETTINGS[3]])
-    print(f"\nS3 against the shared directory on the same cluster: {s3_tpm / shared:.2f}x trial throughput")
+    print("")
+    print(f"S3 against the shared directory on the same cluster: {s3_tpm / shared:.2f}x trial throughput")
+    return lines
 
 
 if __name__ == "__main__":

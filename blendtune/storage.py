@@ -13,6 +13,7 @@ Train V2 workers sync no artifacts at all, and a node that dies takes its local 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -143,16 +144,18 @@ class TrialFiles:
         self.seconds = 0.0  # spent copying to and from storage (reported to Tune as time/trial_files_s)
 
     def pull(self) -> None:
-        began = time.perf_counter()
-        try:
+        with self._timed():
             self._pull()
-        finally:
-            self.seconds += time.perf_counter() - began
 
     def push(self) -> None:
+        with self._timed():
+            self._push()
+
+    @contextlib.contextmanager
+    def _timed(self):
         began = time.perf_counter()
         try:
-            self._push()
+            yield
         finally:
             self.seconds += time.perf_counter() - began
 
