@@ -76,7 +76,8 @@ def run_sweep(args, address: str | None, storage: str | None, out: Path, extra: 
         raise SystemExit(f"sweep failed:\n{proc.stderr[-3000:]}")
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     from blendtune import storage as storage_lib
-    remote = json.loads((run_dir / "sweep.json").read_text())["storage_path"]
+    from blendtune.sweeps import sweep_storage
+    remote = sweep_storage(run_dir)
     experiment = storage_lib.join(remote, "tune")
     files_s, trials = [], 0
     for name in storage_lib.list_names(experiment):

@@ -102,39 +102,42 @@ def wandb_mode() -> str:
 
 
 class WandbLogger:
+    """One W&B run; `epoch` is the step. With `wait_until_on_disk` (a sweep trial, whose files are copied to
+    storage right after each epoch), each call returns once W&B has written the epoch to the run's file:
+    what is copied then has every epoch, even if the scheduler stops the trial, or its node dies, next."""
+
     def __init__(self, directory: Path, config: dict, run_id: str, name: str, project: str,
-                 group: str | None = None, entity: str | None = None):
+                 group: str | None = None, entity: str | None = None, wait_until_on_disk: bool = False):
         import wandb  # imported here: runs without W&B never pay for it
+
+        from blendtune.wandb_files import HistoryReader
 
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, entity=entity, group=group, name=name, id=run_id, config=config,
                               dir=str(directory), mode=wandb_mode(), resume="allow", reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
-                                                      # on disk within a fraction of a second, not 15 s: a
-                                                      # sweep trial's files are copied to storage every epoch
+                                                      # on disk within a fraction of a second, not 15 s
                                                       x_transaction_log_flush_interval=0.2))
+        writes_file = wandb_mode() != "disabled" and self.run.settings.sync_file  # disabled: no file ever comes
+        self.on_disk = HistoryReader(self.run.settings.sync_file) if wait_until_on_disk and writes_file else None
 
     def __call__(self, metrics: dict) -> None:
+        step = int(metrics["epoch"])
         # commit: with an explicit step W&B holds the row back until a later step arrives, so a trial
         # stopped by the scheduler (or killed) would lose its last epoch
-        self.run.log({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]), commit=True)
-        self.last_step = int(metrics["epoch"])
+        self.run.log({k: v for k, v in metrics.items() if k != "epoch"}, step=step, commit=True)
+        if self.on_disk is not None:
+            self._wait_for(step)
 
-    def wait_until_written(self, timeout: float = 10.0) -> bool:
-        """Wait until the offline run file holds the last logged step (W&B writes it from another process
-        within the flush interval): what is copied to a sweep's storage then has every epoch, even if the
-        scheduler stops the trial, or its node dies, right after. False if W&B did not write it in time."""
+    def _wait_for(self, step: int, timeout: float = 10.0) -> None:
+        """W&B writes the row from its own process within the flush interval; at most `timeout` s."""
         import time
 
-        from blendtune.wandb_files import read_history
-        step = getattr(self, "last_step", None)
-        run_file = Path(self.run.settings.sync_file or "")
         deadline = time.monotonic() + timeout
-        while step is not None and time.monotonic() < deadline:
-            if run_file.is_file() and any(row.get("_step") == step for row in read_history(run_file)[-3:]):
-                return True
+        while time.monotonic() < deadline:
+            if any(row.get("_step") == step for row in self.on_disk.new_rows()):
+                return
             time.sleep(0.02)
-        return step is None
 
     def close(self) -> None:
         self.run.finish()

@@ -18,7 +18,7 @@ from blendtune import storage
 from blendtune.errors import UserError
 from blendtune.evaluation import PREDICTION, score_name
 from blendtune.runs import load_sweep
-from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, VARIANT, trial_overrides
+from blendtune.sweeps import EXPERIMENT, VARIANT, state_files, sweep_storage, trial_overrides
 
 
 def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
@@ -40,16 +40,11 @@ def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
 
 def tune_trial_ids(experiment: str | Path) -> set[str] | None:
     """The trials in Tune's newest experiment state (None if there is none)."""
-    states = sorted(n for n in storage.list_names(experiment) if n.startswith("experiment_state-") and n.endswith(".json"))
+    states = state_files(str(experiment))
     if not states:
         return None
-    data = json.loads(storage.read_text(storage.join(experiment, states[-1])))
+    data = json.loads(storage.read_text(storage.join(experiment, max(states))))
     return {json.loads(entry[0] if isinstance(entry, list) else entry)["trial_id"] for entry in data["trial_data"]}
-
-
-def sweep_storage(run_dir: Path) -> str:
-    """Where the sweep's trials live: its storage path (local, shared or s3://...)."""
-    return json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"]
 
 
 def load_trials(run_dir: Path) -> list[dict]:
@@ -124,6 +119,11 @@ def _mean_ci_text(values: list[float]) -> str:
     return f"{100 * mean:.1f} ± {100 * half:.1f}" if math.isfinite(half) else f"{100 * mean:.1f}"
 
 
+def _mean_text(values: list[float]) -> str:
+    """The mean alone, marked †: trials that share seeds, over which no interval is computed."""
+    return f"{100 * statistics.mean(values):.1f}†" if values else "-"
+
+
 @dataclass
 class PairedDifference:
     label: str
@@ -184,7 +184,7 @@ def write_report(run_dir: Path) -> Path:
         interval = label not in shared_seeds  # repeats of a seed are not more seeds: no interval over them
 
         def cell(values: list[float]) -> str:
-            return _mean_ci_text(values) if interval or not values else f"{100 * statistics.mean(values):.1f}†"
+            return _mean_ci_text(values) if interval else _mean_text(values)
         pred = [t["history"][-1][f"{score}/test/{t['prediction_head']}"] for t in done]
         cells = [cell([t["history"][-1][f"{score}/test/{h}"] for t in done if f"{score}/test/{h}" in t["history"][-1]])
                  for h in heads]

@@ -61,12 +61,6 @@ def filesystem(uri: str | os.PathLike):
     return pafs.LocalFileSystem(), absolute(uri)
 
 
-def exists(uri: str | os.PathLike) -> bool:
-    import pyarrow.fs as pafs
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def is_dir(uri: str | os.PathLike) -> bool:
     import pyarrow.fs as pafs
     fs, path = filesystem(uri)
@@ -84,18 +78,23 @@ def read_text(uri: str | os.PathLike) -> str | None:
 
 
 def write_text(uri: str | os.PathLike, text: str) -> None:
-    """Replace the file at once: locally through a temporary file and a rename; an object store's
-    PUT is atomic already."""
-    if not is_url(uri):
-        path = Path(absolute(uri))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return
     fs, path = filesystem(uri)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    _replace(fs, path, text.encode(), local=not is_url(uri))
+
+
+def _replace(fs, path: str, data: bytes, local: bool) -> None:
+    """Replace the file at once: locally through a temporary file and a rename; an object store's PUT is
+    atomic already (and has no folders to make: each request costs)."""
+    if not local:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
 
 
 def delete(uri: str | os.PathLike) -> None:
@@ -103,20 +102,21 @@ def delete(uri: str | os.PathLike) -> None:
     fs.delete_file(path)
 
 
-def list_names(uri: str | os.PathLike) -> list[str]:
-    """Names directly inside a directory (empty if it does not exist)."""
+def _entries(uri: str | os.PathLike):
     import pyarrow.fs as pafs
     fs, path = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(info.base_name for info in infos)
+    return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+
+def list_names(uri: str | os.PathLike) -> list[str]:
+    """Names directly inside a directory (empty if it does not exist)."""
+    return sorted(info.base_name for info in _entries(uri))
 
 
 def list_files(uri: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """{name: (mtime in ns, size)} of the files directly inside a directory (empty if there is none)."""
     import pyarrow.fs as pafs
-    fs, path = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return {i.base_name: (i.mtime_ns or 0, i.size or 0) for i in infos if i.type == pafs.FileType.File}
+    return {i.base_name: (i.mtime_ns or 0, i.size or 0) for i in _entries(uri) if i.type == pafs.FileType.File}
 
 
 def check_writable(uri: str, key: str) -> None:
@@ -139,6 +139,7 @@ class TrialFiles:
 
     def __init__(self, remote: str, prefix: str = "blendtune-trial-"):
         self.remote = remote
+        self._fs, self._path = filesystem(remote)  # once: an s3:// URL without a region costs a request
         self.local = Path(tempfile.mkdtemp(prefix=prefix))
         self._pushed: dict[str, tuple[int, int]] = {}
         self.seconds = 0.0  # spent copying to and from storage (reported to Tune as time/trial_files_s)
@@ -161,7 +162,7 @@ class TrialFiles:
 
     def _pull(self) -> None:
         import pyarrow.fs as pafs
-        fs, path = filesystem(self.remote)
+        fs, path = self._fs, self._path
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return
         for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
@@ -187,28 +188,13 @@ class TrialFiles:
         return relative.startswith("wandb/") and "/logs/" in relative
 
     def _push(self) -> None:
-        fs, path = filesystem(self.remote)
-        changed = []
         for file in self._files():
             relative = file.relative_to(self.local).as_posix()
-            if self._is_debug_log(relative):
-                continue
             stat = file.stat()
-            if self._pushed.get(relative) != (stat.st_mtime_ns, stat.st_size):
-                changed.append((relative, (stat.st_mtime_ns, stat.st_size)))
-        for relative, signature in changed:
-            target = f"{path}/{relative}"
-            parent = target.rsplit("/", 1)[0]
-            data = (self.local / relative).read_bytes()
-            if is_url(self.remote):  # an object store has no folders to make: each request costs
-                with fs.open_output_stream(target) as f:  # readers see the old object or the new
-                    f.write(data)
-            else:
-                fs.create_dir(parent, recursive=True)
-                tmp = f"{parent}/.{relative.rsplit('/', 1)[-1]}.tmp"
-                with fs.open_output_stream(tmp) as f:
-                    f.write(data)
-                fs.move(tmp, target)
+            signature = (stat.st_mtime_ns, stat.st_size)
+            if self._is_debug_log(relative) or self._pushed.get(relative) == signature:
+                continue
+            _replace(self._fs, f"{self._path}/{relative}", file.read_bytes(), local=not is_url(self.remote))
             self._pushed[relative] = signature
 
     def _files(self) -> list[Path]:

@@ -135,7 +135,8 @@ STATE_BACKUP = ".blendtune-state-backup"  # last complete copy of Tune's experim
 STATE_PREFIX = "experiment_state-"
 
 
-def _state_files(experiment: str) -> dict[str, tuple[int, int]]:
+def state_files(experiment: str) -> dict[str, tuple[int, int]]:
+    """Tune's experiment state files in `experiment`: {name: (mtime ns, size)}; the newest sorts last."""
     return {name: signature for name, signature in storage_lib.list_files(experiment).items()
             if name.startswith(STATE_PREFIX) and name.endswith(".json")}
 
@@ -163,7 +164,7 @@ def _experiment_state_backup_callback(experiment: str):
         def back_up(self) -> None:
             """Also called once Tune has returned: it writes its final state after the last callback."""
             self.looked = time.monotonic()
-            states = _state_files(experiment)
+            states = state_files(experiment)
             if not states:
                 return
             newest = max(states)
@@ -184,7 +185,7 @@ def repair_experiment_state(experiment: str) -> list[str]:
     """Before a resume: an experiment state file that does not parse is replaced by its backup, or removed
     (Tune then restores from the previous session's file). Returns what was repaired."""
     repaired = []
-    for name in sorted(_state_files(experiment)):
+    for name in sorted(state_files(experiment)):
         state = storage_lib.join(experiment, name)
         try:
             json.loads(storage_lib.read_text(state) or "")
@@ -300,13 +301,18 @@ def _trials_that_fit(cfg) -> int | None:
     return max(1, fit)
 
 
+def sweep_storage(run_dir: Path) -> str:
+    """Where a sweep's trials live (local, shared or s3://...), as its sweep.json records it."""
+    return json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"]
+
+
 def run_sweep(cfg, space: dict[str, Distribution], run_dir: Path, trial_config: Callable[[dict], Any],
               variants: list[dict] | None = None, resume: bool = False):
     """Run (or resume) the Tune experiment of `run_dir` (made and validated by blendtune.runs);
     `trial_config(overrides)` builds each trial's config. Returns Tune's ResultGrid."""
     import ray
 
-    storage = json.loads((run_dir / SWEEP_FILE).read_text())["storage_path"]
+    storage = sweep_storage(run_dir)
     if resume:  # the storage may have gone since the sweep started (credentials, endpoint): one line, no Ray
         storage_lib.check_writable(storage, "sweep.storage_path")
     started = init_ray(cfg.sweep.address, log_to_driver=False)  # trials log to files, W&B and Tune's table

@@ -82,7 +82,7 @@ def run(cfg, spec: RunSpec) -> dict:
             loggers += epoch_loggers(cfg, log_dir, trainer.epoch, trainer.model.head_names, spec)
         # files reach storage before Tune hears of the epoch: a scheduler may stop the trial right then (Tune
         # does not wait for the trial's thread to finish, so nothing after the last report is sure to run)
-        trainer.callbacks = loggers + ([lambda metrics: push(files, loggers)] if files is not None else []) \
+        trainer.callbacks = loggers + ([lambda metrics: files.push()] if files is not None else []) \
             + ([lambda metrics: spec.report(with_storage_time(metrics, files), trainer)] if spec.report else [])
         return trainer.fit()
     finally:
@@ -99,14 +99,6 @@ def with_storage_time(metrics: dict, files: TrialFiles | None) -> dict:
     return metrics if files is None else {**metrics, "time/trial_files_s": files.seconds}
 
 
-def push(files: TrialFiles, loggers: list) -> None:
-    """This epoch's files to storage, W&B's included once W&B has written the epoch."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.wait_until_written()
-    files.push()
-
-
 def epoch_loggers(cfg, log_dir: Path, from_epoch: int, heads: list[str], spec: RunSpec) -> list:
     """What the rank-0 process does with each epoch's metrics: metrics.jsonl, the table, W&B."""
     loggers: list = [MetricsFile(log_dir / METRICS_FILE, from_epoch)]
@@ -117,7 +109,8 @@ def epoch_loggers(cfg, log_dir: Path, from_epoch: int, heads: list[str], spec: R
         # them) are logged again first, so the run's W&B history has every epoch of the state trained on
         on_disk = logged_steps(log_dir) if from_epoch else set()
         wandb = WandbLogger(log_dir, flat_values(cfg), run_id=spec.run_id, name=spec.run_name,
-                            project=cfg.wandb_project, group=spec.group, entity=cfg.wandb_entity)
+                            project=cfg.wandb_project, group=spec.group, entity=cfg.wandb_entity,
+                            wait_until_on_disk=spec.keep_files_at is not None)  # copied to storage every epoch
         if from_epoch and (log_dir / METRICS_FILE).is_file():
             for row in read_metrics(log_dir / METRICS_FILE):
                 if row["epoch"] <= from_epoch and row["epoch"] not in on_disk:

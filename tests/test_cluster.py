@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from blendtune import storage
+from blendtune.sweeps import sweep_storage
 from blendtune.wandb_files import read_history
 from conftest import REPO, TINY, s3_server_process
 
@@ -64,10 +65,6 @@ def assert_every_trial_kept_its_files(storage_path: str, trials: int, epochs: in
         assert epochs_of(storage.read_text(storage.join(trial, "metrics.jsonl"))) == list(range(1, epochs + 1)), trial
         assert wandb_steps(trial) == list(range(1, epochs + 1)), trial
         assert any(n.startswith("checkpoint_") for n in storage.list_names(trial)), trial
-
-
-def sweep_storage(run_dir: Path) -> str:
-    return json.loads((run_dir / "sweep.json").read_text())["storage_path"]
 
 
 def test_compare_on_s3_keeps_every_trials_files_reports_and_resumes(tmp_path, s3_server):
