@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from blendtune.config import load_config
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 
 RUNS = {  # label: (experiment, overrides, head that is the prediction)
     "audio only": ("avdigits_unimodal_audio", [], "audio"),

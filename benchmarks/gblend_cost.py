@@ -25,7 +25,7 @@ from blendtune.functional import gblend_weights, ogr  # noqa: E402
 from blendtune.loop import Trainer  # noqa: E402
 from blendtune.strategies import STRATEGIES  # noqa: E402
 from blendtune.strategies.gblend import GBlend, GBlendOptions  # noqa: E402
-from blendtune.worker import build_trainer  # noqa: E402
+from blendtune.build import build_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -32,7 +32,7 @@ from blendtune.data import DATASETS, DatasetAdapter, MultimodalDataset  # noqa: 
 from blendtune.data.base import held_out_indices  # noqa: E402
 from blendtune.models import build_encoder  # noqa: E402
 from blendtune.optim import build_optimizer  # noqa: E402
-from blendtune.worker import build_trainer  # noqa: E402
+from blendtune.build import build_trainer  # noqa: E402
 
 MODELS = {  # input shapes, encoder, encoder options, optimizer overrides
     # the AV-digits experiments' model: log-mel 1x40x101 and MNIST 1x28x28, small CNNs, Adam

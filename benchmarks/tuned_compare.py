@@ -28,7 +28,7 @@ from common import write  # noqa: E402
 import yaml  # noqa: E402
 
 import blendtune  # noqa: E402
-from blendtune.cli import strategy_variants  # noqa: E402
+from blendtune.comparisons import strategy_variants  # noqa: E402
 from blendtune.report import mean_ci, paired_differences  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -73,7 +73,7 @@ def data_command(args) -> int:
         return 0
     from blendtune.config import load_config
     from blendtune.data import DATASETS
-    from blendtune.worker import dataset_options
+    from blendtune.build import dataset_options
     if args.dataset.endswith((".yaml", ".yml")):
         cfg = load_config(args.dataset, args.overrides)
     else:
@@ -102,39 +102,6 @@ def _split_resume(args) -> list[str]:
     return overrides
 
 
-def strategy_variants(text: str) -> list[dict]:
-    """`naive,gblend,gblend:ema=0.5:floor=0.05,unimodal:audio` -> one config variant each. After the
-    strategy, `key=value` sets an option (a bare key is the strategy's own: `ema` is `gblend.ema`; a
-    dotted one any key: `optim.lr=0.01`; no lists: commas separate variants); unimodal takes its modality bare."""
-    from blendtune.config import override_value
-    from blendtune.strategies import STRATEGIES
-    variants = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, *options = item.split(":")
-        if name not in STRATEGIES:
-            raise UserError(f"--strategies: unknown strategy {name!r}; expected {', '.join(STRATEGIES.names())}")
-        variant = {"strategy": name}
-        for option in options:
-            key, equals, value = option.partition("=")
-            if not equals:
-                if name != "unimodal" or "unimodal.modality" in variant:
-                    raise UserError(f"--strategies: {item!r}: expected KEY=VALUE after the strategy, got {option!r}")
-                key, value = "unimodal.modality", option
-            else:
-                key, value = (key if "." in key else f"{name}.{key}"), override_value(value, f"--strategies: {item!r}")
-            if key in variant:
-                raise UserError(f"--strategies: {item!r} sets {key} twice")
-            variant[key] = value
-        if name == "unimodal" and "unimodal.modality" not in variant:
-            raise UserError("--strategies: write unimodal:MODALITY, e.g. unimodal:audio")
-        if variant in variants:
-            raise UserError(f"--strategies: {item!r} is given twice")
-        variants.append(variant)
-    if not variants:
-        raise UserError("--strategies: give at least one strategy")
-    return variants
-
-
 def sweep_command(args) -> Path:
     from blendtune.config import load_config
     from blendtune.runs import create_sweep_dir
@@ -149,33 +116,21 @@ def sweep_command(args) -> Path:
 
 
 def compare_command(args) -> Path:
-    from blendtune.config import load_config, with_overrides
-    from blendtune.report import strategy_label, write_report
-    from blendtune.runs import create_sweep_dir
-    from blendtune.sweeps import Distribution
+    """A thin layer over blendtune.comparisons.comparison (what `blendtune.compare` runs from Python)."""
+    from blendtune.comparisons import comparison
 
-    def new_comparison():
-        if not args.experiment:
-            raise UserError("blendtune compare: give an experiment YAML")
-        if args.seeds < 1:
-            raise UserError("--seeds: expected at least 1")
-        variants = strategy_variants(args.strategies)
-        cfg = load_config(args.experiment, args.overrides)
-        cfg = with_overrides(cfg, {"sweep.search": "grid", "sweep.scheduler": "none", "sweep.num_samples": 1})
-        labels = []
-        for variant in variants:  # fail before starting Ray, not inside a trial
-            try:
-                labels.append(strategy_label(with_overrides(cfg, variant), variant))
-            except UserError as e:
-                raise UserError(f"--strategies: {strategy_label(cfg, variant)}: {e}") from None
-        if len(set(labels)) < len(labels):  # the report groups trials by label
-            raise UserError(f"--strategies: {sorted({l for l in labels if labels.count(l) > 1})} would be one row: "
-                            "give each variant once")
-        space = {"seed": Distribution("grid", tuple(range(args.seeds)))}
-        return create_sweep_dir(cfg, space, variants, kind="compare"), cfg, space, variants
-    run_dir = _run_sweep_command(args, new_comparison, "compare")
-    print(write_report(run_dir).read_text())
-    return run_dir
+    if args.resume and (args.experiment or args.overrides):
+        raise UserError("blendtune compare --resume takes no experiment or overrides: it finishes the comparison "
+                        "as it was started")
+    if not args.resume and not args.experiment:
+        raise UserError("blendtune compare: give an experiment YAML")
+
+    def started(run_dir: Path) -> None:
+        _started(run_dir, "compare")
+        print(f"compare dir: {run_dir}", flush=True)
+    done = comparison(args.experiment, args.overrides, args.strategies, args.seeds, args.resume, on_start=started)
+    print(done.report)
+    return done.run_dir
 
 
 def _run_sweep_command(args, new_sweep, kind: str) -> Path:
@@ -199,11 +154,8 @@ def _run_sweep_command(args, new_sweep, kind: str) -> Path:
 
 
 def _summarise(results, cfg) -> None:
-    errors = [r for r in results if r.error]
-    if errors:
-        first = str(errors[0].error).strip().splitlines()[-1]
-        raise UserError(f"{len(errors)} of {len(results)} trials failed (first: {first}); "
-                        f"fix the cause and resume with --resume")
+    from blendtune.comparisons import raise_failed_trials
+    raise_failed_trials(results)
     try:
         best = results.get_best_result(metric=cfg.sweep.metric, mode=cfg.sweep.mode, scope="all")
         print(f"best {cfg.sweep.metric}: {best.metrics.get(cfg.sweep.metric)} with {best.config}")

@@ -17,18 +17,20 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from blendtune.data import DATASETS
 from blendtune.data.base import absolute_root
-from blendtune.devices import PRECISIONS
-from blendtune.errors import OptionError, UserError
-from blendtune.evaluation import PREDICT_RULES
+from blendtune.build import PYTHON_OBJECTS  # noqa: F401  (re-exported for the API)
+from blendtune.errors import OptionError, SettingError, UserError
+from blendtune.feeding import LoaderOptions
 from blendtune.loggers import flat_dict
+from blendtune.loop import TrainOptions
 from blendtune.models import ENCODERS, FUSIONS
-from blendtune.optim import OPTIMIZERS, SCHEDULES
-from blendtune.strategies import STRATEGIES
+from blendtune.optim import OptimOptions
+from blendtune.strategies import STRATEGIES, check_held_out, check_required_options
 
 
 @dataclass
-class DataFields:
-    """The data keys every dataset shares; each dataset's own options join as `data.<name>` (registry)."""
+class DataFields(LoaderOptions):
+    """The data keys every dataset shares (the loader's own: blendtune.feeding.LoaderOptions); each
+    dataset's options join as `data.<name>` (registry)."""
     dataset: str = "synthetic"
     _target_: Optional[str] = None  # or your own: an import path to a callable returning (train, test) or
     args: Dict[str, Any] = field(default_factory=dict)  # (train, held_out, test) datasets; `args` its kwargs
@@ -36,15 +38,14 @@ class DataFields:
     held_out_ratio: float = 0.1
     held_out_by_group: bool = False   # hold out whole groups (speakers) instead of stratified samples
     train_eval_size: Optional[int] = None  # evaluate train loss on a fixed subset T' of this size
-    batch_size: int = 64
-    eval_batch_size: int = 512
-    num_workers: int = 0         # DataLoader worker processes (file-based datasets decode there)
-    skip_bad: bool = False       # skip samples whose files are missing or broken (and log how many)
-    on_device: Optional[bool] = None  # in-memory data held on the training device, batched there without a
-                                      # DataLoader; unset: on for in-memory data with a CUDA device
     spectrogram_on: str = "loader"  # loader: in the loader workers | device: batched in the training step
     frames_on: str = "loader"    # JPEG decode + crop/resize: loader workers | device (nvjpeg, batched in the step)
     use_cache: bool = True       # read the cache `blendtune data prepare` wrote, when it is fresh
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.held_out_ratio < 1.0:
+            raise SettingError("data.held_out_ratio", f"expected 0 <= ratio < 1, got {self.held_out_ratio}")
 
 
 @dataclass
@@ -63,29 +64,10 @@ class ModelConfig:
     args: Dict[str, Any] = field(default_factory=dict)  # modality out); `args` its keyword arguments
 
 
-@dataclass
-class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "none"
-    step_size: int = 70
-    gamma: float = 0.1
-    grad_clip: Optional[float] = None
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    device: str = "auto"
-    amp: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16  ("off" would read as a YAML boolean)
-    checkpoint_every: int = 1
-    progress: bool = True
-    channels_last: Optional[bool] = None  # unset: on CUDA (conv encoders run NHWC), off on CPU
-    cudnn_benchmark: bool = True          # CUDA: let cuDNN pick the fastest conv algorithms for the shapes
-    compile: bool = False                 # torch.compile the model for the training step (slow to start)
-    predict: str = "fused"                # the prediction head: fused | ensemble | held_out_best (chosen on V)
+# The optimizer's and the loop's settings are declared beside the code that reads them; the schema
+# takes them as they are (one declaration, no copies).
+OptimConfig = OptimOptions
+TrainConfig = TrainOptions
 
 
 @dataclass
@@ -201,7 +183,7 @@ def with_overrides(config: ExperimentConfig, overrides: dict[str, object]) -> Ex
         try:
             OmegaConf.update(cfg, key, value, merge=False)
         except OmegaConfBaseException as e:
-            raise UserError(f"config key '{key}': {_first_line(e)}") from None
+            raise SettingError(key, f"{_first_line(e)}") from None
     obj = OmegaConf.to_object(cfg)
     validate(obj)
     return obj
@@ -254,12 +236,8 @@ def _first_line(e: Exception) -> str:
 
 
 _CHOICES = {
-    "train.amp": PRECISIONS,
-    "train.predict": PREDICT_RULES,
     "data.spectrogram_on": ("loader", "device"),
     "data.frames_on": ("loader", "device"),
-    "optim.name": OPTIMIZERS,
-    "optim.schedule": SCHEDULES,
     "sweep.search": ("optuna", "random", "grid"),
     "sweep.scheduler": ("asha", "pbt", "none"),
     "sweep.mode": ("max", "min"),
@@ -271,41 +249,39 @@ def validate(cfg: ExperimentConfig) -> None:
     flat = flat_keys(cfg)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
-            raise UserError(f"config key '{key}': expected one of {', '.join(allowed)}, got {flat[key]!r}")
+            raise SettingError(key, f"expected one of {', '.join(allowed)}, got {flat[key]!r}")
     registries = [("strategy", STRATEGIES), ("model.fusion", FUSIONS)]
     if not cfg.data._target_:
         registries.append(("data.dataset", DATASETS))
     for key, registry in registries:
         if flat[key] not in registry:
-            raise UserError(f"config key '{key}': expected one of {', '.join(registry.names())}, got {flat[key]!r}")
+            raise SettingError(key, f"expected one of {', '.join(registry.names())}, got {flat[key]!r}")
     for modality, enc in cfg.model.encoders.items():
         if enc.name not in ENCODERS:
             raise UserError(f"config key 'model.encoders.{modality}.name': expected one of "
                             f"{', '.join(ENCODERS.names())}, got {enc.name!r}")
     positive = ["workers", "sweep.num_samples", "sweep.grace_period", "sweep.perturbation_interval",
-                "sweep.reduction_factor", "train.epochs", "data.batch_size", "data.eval_batch_size",
-                "train.checkpoint_every", "optim.step_size"]
+                "sweep.reduction_factor"]
     for key in positive:
         if flat[key] is not None and flat[key] <= 0:
-            raise UserError(f"config key '{key}': expected a positive number, got {flat[key]}")
-    if not 0.0 <= cfg.data.held_out_ratio < 1.0:
-        raise UserError(f"config key 'data.held_out_ratio': expected 0 <= ratio < 1, got {cfg.data.held_out_ratio}")
-    strategy = STRATEGIES.get(cfg.strategy)
-    if strategy.needs_held_out and cfg.data.held_out_ratio <= 0.0 and not cfg.data._target_:
-        raise UserError(f"config key 'data.held_out_ratio': {cfg.strategy} needs a held-out split (ratio > 0)")
-    if cfg.optim.lr <= 0:
-        raise UserError(f"config key 'optim.lr': expected a positive learning rate, got {cfg.optim.lr}")
+            raise SettingError(key, f"expected a positive number, got {flat[key]}")
+    for options in (cfg.train, cfg.data, cfg.optim):  # each section's own rules (SettingError names the key)
+        options.validate()
+    # a dataset of the user's own may bring its held-out split; that one is checked once it is built
+    check_held_out(cfg.strategy, cfg.data.held_out_ratio > 0.0 or bool(cfg.data._target_))
     if cfg.sweep.gpus_per_trial is not None and not 0 < cfg.sweep.gpus_per_trial:
-        raise UserError(f"config key 'sweep.gpus_per_trial': expected > 0, got {cfg.sweep.gpus_per_trial}")
+        raise SettingError("sweep.gpus_per_trial", f"expected > 0, got {cfg.sweep.gpus_per_trial}")
     if cfg.sweep.cpus_per_worker is not None and cfg.sweep.cpus_per_worker <= 0:
-        raise UserError(f"config key 'sweep.cpus_per_worker': expected > 0, got {cfg.sweep.cpus_per_worker}")
+        raise SettingError("sweep.cpus_per_worker", f"expected > 0, got {cfg.sweep.cpus_per_worker}")
     for prefix, node, sections in (("", cfg, STRATEGIES.sections()), ("data.", cfg.data, DATASETS.sections())):
         for section in sections:
             _validate_section(f"{prefix}{section}", getattr(node, section))
     section = STRATEGIES.section(cfg.strategy)
-    for key in strategy.required_options:
-        if not getattr(getattr(cfg, section), key):
-            raise UserError(f"config key '{section}.{key}': the {cfg.strategy} strategy needs it")
+    if section:
+        try:
+            check_required_options(cfg.strategy, getattr(cfg, section))
+        except OptionError as e:
+            raise SettingError(f"{section}.{e.key}", e.message) from None
 
 
 def _validate_section(where: str, options: Any) -> None:
@@ -315,7 +291,7 @@ def _validate_section(where: str, options: Any) -> None:
     try:
         check()
     except OptionError as e:
-        raise UserError(f"config key '{where}.{e.key}': {e.message}") from None
+        raise SettingError(f"{where}.{e.key}", f"{e.message}") from None
 
 
 def unused_keys(cfg: ExperimentConfig, strategies: Iterable[str] = (), datasets: Iterable[str] = ()) -> list[str]:
@@ -354,3 +330,68 @@ class TrialConfig:
 
     def __call__(self, overrides: dict[str, object]) -> ExperimentConfig:
         return with_overrides(config_from_dict(self.base), overrides)
+
+
+# ---- the Python API's names for config keys ---------------------------------------------------------
+# `blendtune.fit(epochs=3, lr=1e-3, batch_size=32, alpha=0.8)`: a setting's keyword is its key's last part,
+# taken from the schema (nothing listed by hand but these): the optimizer's name reads `optimizer=`; the
+# keys that name blendtune's own datasets have no keyword (the caller passes objects), nor output_dir in a fit
+# (its folder is run_dir=).
+PYTHON_RENAMED = {"optim.name": "optimizer", "model.fusion": "fusion", "data._target_": "train",
+                  "model._target_": "model"}
+_NOT_KEYWORDS = {"strategy", "output_dir", "data.dataset", "data._target_", "data.args", "data.root"}
+
+
+def python_keywords(strategies: Iterable[str] = (), sweeps: bool = False) -> dict[str, list[str]]:
+    """keyword -> the config key(s) it can mean, for a run of `strategies` (their option sections join)
+    and, with `sweeps`, the sweep section. A keyword meaning two keys (PMR's `momentum` and the
+    optimizer's) is refused when used; the caller then names the key (`config={"pmr.momentum": 0.5}`)."""
+    sections = {"train", "optim", "data"} | ({"sweep"} if sweeps else set())
+    sections |= {STRATEGIES.section(s) for s in strategies if STRATEGIES.section(s)}
+    names: dict[str, list[str]] = {}
+    for key in flat_keys(ExperimentConfig()):
+        parts = key.split(".")
+        if (key in _NOT_KEYWORDS and not (sweeps and key == "output_dir")) or len(parts) > 2 or (len(parts) == 2 and parts[0] not in sections):
+            continue
+        if len(parts) == 1 and isinstance(getattr(ExperimentConfig(), key), dict):
+            continue
+        names.setdefault(PYTHON_RENAMED.get(key, parts[-1]), []).append(key)
+    return names
+
+
+def keyword_overrides(caller: str, options: dict, strategies: Iterable[str] = (), sweeps: bool = False,
+                      config: dict | None = None) -> dict[str, object]:
+    """{config key: value} from a Python call's keywords (and `config`, a dict of config keys)."""
+    names = python_keywords(strategies, sweeps)
+    unknown = sorted(k for k in options if k not in names)
+    if unknown:
+        raise UserError(f"{caller}: unknown option(s) {', '.join(unknown)}; options of this run: "
+                        f"{', '.join(sorted(names))} (or config={{'section.key': value}})")
+    overrides = {}
+    for name, value in options.items():
+        if len(names[name]) > 1:
+            raise UserError(f"{caller}: {name}= could mean {' or '.join(names[name])}; pass "
+                            f"config={{'{names[name][0]}': {value!r}}} instead")
+        overrides[names[name][0]] = value
+    for key, value in (config or {}).items():
+        if key in overrides:
+            raise UserError(f"{caller}: {key} is given twice (as a keyword and in config=)")
+        overrides[key] = value
+    return overrides
+
+
+def in_python_terms(error: UserError, caller: str, strategies: Iterable[str] = (), sweeps: bool = False) -> UserError:
+    """A SettingError said to a Python caller: `fit(batch_size=...)` instead of "config key
+    'data.batch_size'", and the keys named in its message as keywords too. Other errors pass as they are."""
+    if not isinstance(error, SettingError):
+        return error
+    keyword = {keys[0]: name for name, keys in python_keywords(strategies, sweeps).items() if len(keys) == 1}
+    keyword.update(PYTHON_RENAMED)
+
+    def say(key: str) -> str:
+        return f"{keyword[key]}=" if key in keyword else key
+
+    message = error.message
+    for key in sorted(keyword, key=len, reverse=True):
+        message = message.replace(f"{key} ", f"{say(key)} ").replace(f"{key}=", f"{keyword[key]}=")
+    return UserError(f"{caller}({say(error.key).rstrip('=')}=...): {message}")

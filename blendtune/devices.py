@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from blendtune.errors import UserError
+from blendtune.errors import SettingError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -17,19 +17,18 @@ def wants_gpu(device: str) -> bool:
 
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"config key 'train.device': {name!r} requested, but CUDA is not available")
+        raise SettingError("train.device", f"{name!r} requested, but CUDA is not available")
     if name in ("auto", "cuda"):  # the current device: Ray Train / torchrun select one per worker
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"config key 'train.device': expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise SettingError("train.device", f"expected auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None for fp32; `auto` means bf16 on CUDA and fp32 elsewhere."""
-    if amp not in PRECISIONS:
-        raise UserError(f"config key 'train.amp': expected one of {', '.join(PRECISIONS)}, got {amp!r}")
+    """None for fp32; `auto` means bf16 on CUDA and fp32 elsewhere (`amp`: one of PRECISIONS, checked by
+    TrainOptions.validate)."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]

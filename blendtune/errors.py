@@ -16,3 +16,13 @@ class OptionError(UserError):
     def __init__(self, key: str, message: str):
         super().__init__(f"option '{key}': {message}")
         self.key, self.message = key, message
+
+
+class SettingError(UserError):
+    """A run setting cannot work. `key` is its config key (`data.batch_size`): the one name every rule
+    uses. The CLI prints "config key 'data.batch_size': ..."; the Python API names its keyword
+    (`fit(batch_size=...)`), translating in one place (blendtune.api)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key '{key}': {message}")
+        self.key, self.message = key, message

@@ -155,3 +155,40 @@ def ogr_metrics(before: dict | None, after: dict) -> dict[str, float]:
         s = ogr(before["train"][head], before["held_out"][head], after["train"][head], after["held_out"][head])
         out[f"ogr/{head}"], out[f"ogr/delta_g/{head}"], out[f"ogr/delta_o/{head}"] = s.ogr, s.delta_g, s.delta_o
     return out
+
+
+def monitored_metric(monitor: str | None, multilabel: bool) -> str:
+    """The metric early stopping and keep-best watch: `monitor`, or the prediction head's held-out score."""
+    return monitor or f"{'map' if multilabel else 'acc'}/held_out/{PREDICTION}"
+
+
+class BestEpoch:
+    """Tracks the best epoch by a held-out metric (lower is better for losses, higher otherwise) and how
+    many epochs have passed without improving on it: early stopping and keep-best read it. Its state
+    goes into checkpoints, so a resumed run stops where the uninterrupted one would."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.lower_is_better = metric.startswith("loss/")
+        self.best: float | None = None
+        self.epoch = 0
+        self.epochs_without_improvement = 0
+
+    def update(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        """Records epoch `epoch`; True if it is the best so far."""
+        if self.metric not in metrics:
+            raise KeyError(self.metric)
+        value = float(metrics[self.metric])
+        better = self.best is None or (value < self.best if self.lower_is_better else value > self.best)
+        if better:
+            self.best, self.epoch, self.epochs_without_improvement = value, epoch, 0
+        else:
+            self.epochs_without_improvement += 1
+        return better
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "epoch": self.epoch, "epochs_without_improvement": self.epochs_without_improvement}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.epoch = state["best"], state["epoch"]
+        self.epochs_without_improvement = state["epochs_without_improvement"]

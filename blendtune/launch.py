@@ -28,12 +28,17 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_S
            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}  # sweeps add the JSON logger themselves
 
 
-def train_locally(cfg, run_dir: Path, resume: bool) -> dict:
-    """`blendtune train` with one worker: this process trains, writes the run directory, prints the table."""
-    spec = worker.RunSpec(log_dir=run_dir, run_id=run_dir.name, run_name=run_dir.name, table=True,
-                          save_checkpoints=True, announce_resume=resume,
+def local_run_spec(run_dir: Path, resume: bool, table: bool = True, callbacks=()) -> worker.RunSpec:
+    """A run in this process writing `run_dir` (config.yaml is already there): metrics.jsonl, W&B,
+    model.json, checkpoints; restored from its last checkpoint when resuming."""
+    return worker.RunSpec(log_dir=run_dir, run_id=run_dir.name, run_name=run_dir.name, table=table,
+                          save_checkpoints=True, announce_resume=resume, callbacks=list(callbacks),
                           restore=worker.restore_from_file(run_dir / worker.CHECKPOINT) if resume else None)
-    return worker.run(cfg, spec)
+
+
+def train_locally(cfg, run_dir: Path, resume: bool, parts=None) -> dict:
+    """`blendtune train` with one worker: this process trains, writes the run directory, prints the table."""
+    return worker.run(cfg, local_run_spec(run_dir, resume), parts)
 
 
 # ---- Ray Train ----------------------------------------------------------------------------------
@@ -79,7 +84,7 @@ def train_worker(config: dict) -> None:
                                    run_name=config.get("run_name", ""), group=config.get("group"),
                                    table=config.get("table", False), keep_files_at=config.get("keep_files_at"),
                                    save_checkpoints=bool(config.get("local_checkpoints")), restore=restore,
-                                   report=report))
+                                   report=report), config.get("parts"))
 
 
 def _placement_group_id() -> str:
@@ -138,12 +143,22 @@ def worker_env(local: bool) -> dict[str, str]:
     """Environment variables Ray workers get. Ray runs each trial in its own directory, so paths the
     user gave relative to theirs are made absolute (on a local Ray, where both share a file system)."""
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
-    if local:
+    if local:  # the modules the driver imported (a user's model class, pickled by reference) import there too
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
-            [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+            [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), *_user_import_dirs()]))
         if os.environ.get("BLENDTUNE_DATA_ROOT"):  # a remote cluster's workers read their own environment
             env["BLENDTUNE_DATA_ROOT"] = absolute_root(os.environ["BLENDTUNE_DATA_ROOT"])
     return env
+
+
+def _user_import_dirs() -> list[str]:
+    """The driver's import path outside Python's own installation (sys.path entries a script or a
+    notebook added, e.g. `sys.path.insert(0, "src")`)."""
+    import sys
+    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    return [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)
+            and not any(os.path.realpath(p).startswith(root + os.sep) or os.path.realpath(p) == root
+                        for root in installed)]
 
 
 def check_gpus(cfg) -> None:
@@ -165,13 +180,13 @@ def check_gpus(cfg) -> None:
                         "sweep.gpus_per_trial < 1, or train.device=cpu")
 
 
-def train_with_ray(cfg, run_dir: Path, resume: bool) -> dict:
+def train_with_ray(cfg, run_dir: Path, resume: bool, parts=None) -> dict:
     """`blendtune train workers=N`: one Ray Train run (DDP) whose rank 0 writes the run directory."""
     import ray
     started = init_ray(cfg.sweep.address, num_cpus=max(os.cpu_count() or 1, int(cfg.workers * worker_cpus(cfg))))
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     loop_config = {"log_dir": str(run_dir.resolve()), "local_checkpoints": True, "run_id": run_dir.name,
-                   "run_name": run_dir.name, "table": True}
+                   "run_name": run_dir.name, "table": True, "parts": parts}
     if resume and (run_dir / worker.CHECKPOINT).is_file():
         loop_config["resume_from"] = str((run_dir / worker.CHECKPOINT).resolve())
     try:

@@ -17,8 +17,9 @@ from blendtune.config import ExperimentConfig, with_overrides
 from blendtune import storage
 from blendtune.errors import UserError
 from blendtune.evaluation import PREDICTION, score_name
-from blendtune.runs import load_sweep
-from blendtune.sweeps import EXPERIMENT, VARIANT, state_files, sweep_storage, trial_overrides
+from blendtune.loggers import read_metrics
+from blendtune.runs import METRICS_FILE, load_run_config, load_sweep
+from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, VARIANT, state_files, sweep_storage, trial_overrides
 
 
 def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
@@ -48,12 +49,31 @@ def tune_trial_ids(experiment: str | Path) -> set[str] | None:
 
 
 def load_trials(run_dir: Path) -> list[dict]:
+    if not (Path(run_dir) / SWEEP_FILE).is_file() and (Path(run_dir) / METRICS_FILE).is_file():
+        return [_run_as_trial(Path(run_dir))]  # one run (`blendtune train`, `blendtune.fit(run_dir=...)`)
     experiment = storage.join(sweep_storage(run_dir), EXPERIMENT)
     try:
         return _load_trials(run_dir, experiment)
     except OSError as e:  # pyarrow's S3 and HTTP errors: an endpoint, a bucket or credentials gone
         reason = " ".join(str(e).split())
         raise UserError(f"cannot read the sweep's trials at '{experiment}' (sweep.storage_path): {reason[:300]}") from None
+
+
+def _run_as_trial(run_dir: Path) -> dict:
+    """A single run's folder read as a sweep's trial: its report is one row (no interval over one seed)."""
+    cfg = load_run_config(run_dir)
+    history = read_metrics(run_dir / METRICS_FILE)
+    if not history:
+        raise UserError(f"'{run_dir}' has no finished epoch in {METRICS_FILE}")
+    return {"trial": run_dir.name, "label": strategy_label(cfg), "seed": cfg.seed, "strategy": cfg.strategy,
+            "epochs_planned": cfg.train.epochs, "history": history,
+            "prediction_head": _prediction_head(cfg, history)}
+
+
+def _prediction_head(cfg, history: list[dict]) -> str:
+    if cfg.strategy == "unimodal":
+        return cfg.unimodal.modality
+    return PREDICTION if any(f"/test/{PREDICTION}" in k for row in history[-1:] for k in row) else "fused"
 
 
 def _load_trials(run_dir: Path, experiment: str) -> list[dict]:
@@ -79,8 +99,7 @@ def _load_trials(run_dir: Path, experiment: str) -> list[dict]:
         history = [by_epoch[e] for e in sorted(by_epoch)]
         trials.append({"trial": name, "label": strategy_label(cfg, sample.get(VARIANT)), "seed": cfg.seed,
                        "strategy": cfg.strategy, "epochs_planned": cfg.train.epochs, "history": history,
-                       "prediction_head": cfg.unimodal.modality if cfg.strategy == "unimodal" else
-                       PREDICTION if any(f"/test/{PREDICTION}" in k for row in history[-1:] for k in row) else "fused"})
+                       "prediction_head": _prediction_head(cfg, history)})
     if not trials:
         raise UserError(f"no trials in '{experiment}'")
     return trials
@@ -156,6 +175,8 @@ def write_report(run_dir: Path) -> Path:
     trials = load_trials(run_dir)
     score = score_of(trials)
     heads = heads_of(trials, score)
+    if not heads:
+        raise UserError(f"'{run_dir}': no test metrics to report (its runs had no test data)")
     with (run_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", "strategy", "seed", "epochs"] + [f"final_{score}_{h}" for h in heads]

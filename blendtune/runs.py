@@ -13,7 +13,7 @@ from blendtune.checkpoint import load_checkpoint
 from blendtune.config import ExperimentConfig, check_keys_are_used, flat_keys, load_config, to_yaml
 from blendtune.data import DATASETS, data_root
 from blendtune import storage as storage_lib
-from blendtune.errors import UserError
+from blendtune.errors import SettingError, UserError
 from blendtune.launch import check_gpus
 from blendtune.search_space import check_sweep, parse_space
 from blendtune.sweeps import SWEEP_FILE, Distribution
@@ -35,7 +35,7 @@ def _make_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=False)
     except OSError as e:
-        raise UserError(f"config key 'output_dir': cannot create '{run_dir}': {e.strerror or e}") from None
+        raise SettingError("output_dir", f"cannot create '{run_dir}': {e.strerror or e}") from None
 
 
 def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
@@ -56,10 +56,23 @@ def check_before_starting(cfg: ExperimentConfig) -> None:
     check_gpus(cfg)
 
 
-def create_run_dir(cfg: ExperimentConfig) -> Path:
-    """A new run directory holding the config, once every check that can refuse the run has passed."""
+def create_run_dir(cfg: ExperimentConfig, at: Path | None = None) -> Path:
+    """A new run directory holding the config, once every check that can refuse the run has passed:
+    `output_dir/<name>-<time>-<id>`, or `at` (the Python API's run_dir=), which must be new or empty."""
     check_keys_are_used(cfg)
     check_before_starting(cfg)
+    if at is not None:
+        run_dir = Path(at)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            what = "a run already" if (run_dir / CONFIG_FILE).is_file() else "not empty"
+            raise UserError(f"run_dir '{run_dir}' is {what}: give a new folder"
+                            + (", or resume=that folder to continue it" if what == "a run already" else ""))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"run_dir: cannot create '{run_dir}': {e.strerror or e}") from None
+        write_config(run_dir, cfg)
+        return run_dir
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{secrets.token_hex(2)}"
     _make_dir(run_dir)

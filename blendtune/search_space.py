@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from blendtune.config import ExperimentConfig, check_keys_are_used, flat_keys, load_config
-from blendtune.errors import UserError
+from blendtune.errors import SettingError, UserError
 from blendtune.sweeps import Distribution
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -86,7 +86,7 @@ def check_sweep(cfg: ExperimentConfig, space: dict[str, Distribution], variants:
     validate_space(space, cfg, source)
     if cfg.sweep.metric.split("/")[1:2] == ["held_out"] and cfg.data.held_out_ratio <= 0 \
             and "data.held_out_ratio" not in space:
-        raise UserError(f"config key 'sweep.metric': {cfg.sweep.metric!r} needs a held-out split (data.held_out_ratio > 0)")
+        raise SettingError("sweep.metric", f"{cfg.sweep.metric!r} needs a held-out split (data.held_out_ratio > 0)")
     epochs = min(_values("train.epochs", cfg.train.epochs, space, variants))
     if cfg.sweep.scheduler == "asha" and cfg.sweep.grace_period > epochs:
         raise UserError(f"config keys 'sweep.grace_period' ({cfg.sweep.grace_period}) and 'train.epochs' ({epochs}): "

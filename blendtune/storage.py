@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from blendtune.errors import UserError
+from blendtune.errors import SettingError
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -128,7 +128,7 @@ def check_writable(uri: str, key: str) -> None:
         delete(marker)
     except (OSError, ValueError) as e:  # pyarrow raises OSError for S3/HTTP errors, ValueError for bad URLs
         reason = " ".join(str(e).split())
-        raise UserError(f"config key '{key}': cannot write to {uri!r}: {reason[:300]}") from None
+        raise SettingError(key, f"cannot write to {uri!r}: {reason[:300]}") from None
 
 
 class TrialFiles:

@@ -9,6 +9,7 @@ own latest checkpoint; when Tune stops such a trial early its worker placement g
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -71,11 +72,12 @@ def trial_overrides(sample: dict) -> dict:
     return {**sample.pop(VARIANT, {}), **sample}
 
 
-def run_trial(sample: dict, trial_config: Callable[[dict], Any], sweep_name: str, storage: str) -> None:
+def run_trial(sample: dict, trial_config: Callable[[dict], Any], sweep_name: str, storage: str, parts=None) -> None:
     """The Tune trainable: one configuration of the space, trained to `train.epochs`.
     `trial_config` (from blendtune.config) turns the trial's overrides into a validated config.
     The trial's own files go to its folder on the sweep's storage (`storage/tune/<trial>`), next to
-    what Tune writes there, wherever the trial runs."""
+    what Tune writes there, wherever the trial runs. `parts`: the Python user's own model and data
+    objects (blendtune.build.UserParts), shipped through Ray's object store."""
     from ray import tune
 
     cfg = trial_config(trial_overrides(sample))
@@ -86,13 +88,13 @@ def run_trial(sample: dict, trial_config: Callable[[dict], Any], sweep_name: str
     trial_files = storage_lib.join(storage, EXPERIMENT, Path(context.get_trial_dir()).name)
     try:
         if cfg.workers > 1:
-            return _run_trial_on_train_workers(cfg, trial_files, trial_id, trial_name, sweep_name, storage)
-        _run_trial_here(cfg, trial_files, trial_id, trial_name, sweep_name)
+            return _run_trial_on_train_workers(cfg, trial_files, trial_id, trial_name, sweep_name, storage, parts)
+        _run_trial_here(cfg, trial_files, trial_id, trial_name, sweep_name, parts)
     except TrainingDiverged as e:  # a bad corner of the space: the trial ends, the sweep goes on
         storage_lib.write_text(storage_lib.join(trial_files, "diverged.txt"), str(e) + "\n")
 
 
-def _run_trial_here(cfg, trial_files: str, trial_id: str, trial_name: str, sweep_name: str) -> None:
+def _run_trial_here(cfg, trial_files: str, trial_id: str, trial_name: str, sweep_name: str, parts) -> None:
     import ray
     from ray import tune
 
@@ -114,14 +116,14 @@ def _run_trial_here(cfg, trial_files: str, trial_id: str, trial_name: str, sweep
     spec = worker.RunSpec(keep_files_at=trial_files, run_id=f"{sweep_name}-{trial_id}", run_name=trial_name,
                           group=sweep_name, restore=restore if checkpoint is not None else None,
                           restored_lr_from_config=True, report=report)
-    worker.run(cfg, spec)
+    worker.run(cfg, spec, parts)
 
 
-def _run_trial_on_train_workers(cfg, trial_files, trial_id, trial_name, sweep_name, storage) -> None:
+def _run_trial_on_train_workers(cfg, trial_files, trial_id, trial_name, sweep_name, storage, parts) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     loop_config = {"keep_files_at": trial_files, "run_id": f"{sweep_name}-{trial_id}", "run_name": trial_name,
-                   "group": sweep_name}
+                   "group": sweep_name, "parts": parts}
     # Retries belong to Tune here (its FailureConfig reruns the trial, which resumes the Train run from
     # its latest checkpoint): a Train-level retry would rebuild the worker group of a trial that Tune
     # has just stopped, in a new placement group nobody frees.
@@ -259,10 +261,13 @@ def _search_and_scheduler(cfg, space: dict[str, Distribution]):
     return search, scheduler
 
 
-def _trainable(cfg, trial_config: Callable[[dict], Any], sweep_name: str, storage: str):
+def _trainable(cfg, trial_config: Callable[[dict], Any], sweep_name: str, storage: str, parts=None):
     from ray import tune
 
-    trainable = tune.with_parameters(run_trial, trial_config=trial_config, sweep_name=sweep_name, storage=storage)
+    if parts is not None:  # every trial builds its model from its own copy
+        parts = dataclasses.replace(parts, copy_model=True)
+    trainable = tune.with_parameters(run_trial, trial_config=trial_config, sweep_name=sweep_name, storage=storage,
+                                     parts=parts)
     return tune.with_resources(trainable, trial_resources(cfg))
 
 
@@ -307,9 +312,10 @@ def sweep_storage(run_dir: Path) -> str:
 
 
 def run_sweep(cfg, space: dict[str, Distribution], run_dir: Path, trial_config: Callable[[dict], Any],
-              variants: list[dict] | None = None, resume: bool = False):
+              variants: list[dict] | None = None, resume: bool = False, parts=None):
     """Run (or resume) the Tune experiment of `run_dir` (made and validated by blendtune.runs);
-    `trial_config(overrides)` builds each trial's config. Returns Tune's ResultGrid."""
+    `trial_config(overrides)` builds each trial's config; `parts` are a Python user's own model and data
+    objects (the same ones again when resuming). Returns Tune's ResultGrid."""
     import ray
 
     storage = sweep_storage(run_dir)
@@ -318,7 +324,7 @@ def run_sweep(cfg, space: dict[str, Distribution], run_dir: Path, trial_config: 
     started = init_ray(cfg.sweep.address, log_to_driver=False)  # trials log to files, W&B and Tune's table
     try:
         with _environment(TUNE_GLOBAL_CHECKPOINT_S=state_save_seconds(storage)):
-            return _fit(cfg, space, run_dir, trial_config, variants, resume, storage)
+            return _fit(cfg, space, run_dir, trial_config, variants, resume, storage, parts)
     finally:
         if started:
             ray.shutdown()
@@ -344,11 +350,11 @@ def _environment(**values: str):
             os.environ.pop(key, None)
 
 
-def _fit(cfg, space, run_dir, trial_config, variants, resume, storage):
+def _fit(cfg, space, run_dir, trial_config, variants, resume, storage, parts):
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
-    trainable = _trainable(cfg, trial_config, run_dir.name, storage)
+    trainable = _trainable(cfg, trial_config, run_dir.name, storage, parts)
     experiment = storage_lib.join(storage, EXPERIMENT)
     backup = _experiment_state_backup_callback(experiment)
     # Tune's result.json is what reports read; its CSV and TensorBoard copies (off by TUNE_DISABLE_AUTO_

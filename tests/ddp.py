@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from blendtune.config import load_config
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 
 
 def _worker(rank, world, address, overrides, out):

@@ -11,6 +11,7 @@ from conftest import REPO, TINY
 # cli -> config -> sweep (Tune) -> launch (Train) -> worker -> loop -> strategies -> models/data -> functional
 LAYERS = [
     ["blendtune", "blendtune.cli", "blendtune.api"],
+    ["blendtune.comparisons"],
     ["blendtune.report"],
     ["blendtune.runs"],
     ["blendtune.search_space"],
@@ -18,8 +19,9 @@ LAYERS = [
     ["blendtune.sweeps"],
     ["blendtune.launch"],
     ["blendtune.worker"],
-    ["blendtune.loggers", "blendtune.wandb_files"],
+    ["blendtune.build", "blendtune.loggers", "blendtune.wandb_files"],
     ["blendtune.loop"],
+    ["blendtune.services", "blendtune.feeding"],
     ["blendtune.evaluation", "blendtune.checkpoint"],
     ["blendtune.strategies"],
     ["blendtune.models", "blendtune.data", "blendtune.optim"],
@@ -65,11 +67,11 @@ def test_imports_only_point_down_the_layers():
     assert not upward, "imports that point up: " + "; ".join(sorted(upward))
 
 
-def test_below_config_only_the_worker_builds_from_an_experiment_config():
-    # loop, strategies, models and data take plain arguments: none of them mentions the config
+def test_below_config_only_the_worker_and_the_builder_read_an_experiment_config():
+    # loop, strategies, models and data take plain arguments (their options dataclasses): none mentions the config
     for path in (REPO / "blendtune").rglob("*.py"):
         module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-        if _layer(module) > _layer("blendtune.worker"):
+        if _layer(module) > _layer("blendtune.build"):
             text = path.read_text()
             assert "ExperimentConfig" not in text and "omegaconf" not in text.lower(), module
 
@@ -82,7 +84,7 @@ def test_a_new_strategy_is_one_file_and_one_registry_entry(tmp_path):
     from blendtune.functional import classification_loss
     from blendtune.models import FUSED
     from blendtune.strategies import STRATEGIES, BalancingStrategy
-    from blendtune.worker import build_trainer
+    from blendtune.build import build_trainer
 
     @dataclasses.dataclass
     class HeadMixOptions:

@@ -27,8 +27,9 @@ SHIPPED_STRATEGIES = {"naive", "unimodal", "modality_dropout", "gblend", "ogm", 
 def test_experiments_cover_the_shipped_strategies_on_both_datasets():
     from blendtune.strategies import STRATEGIES
     assert SHIPPED_STRATEGIES <= set(STRATEGIES.names())
+    configs = [load_config(p) for p in EXPERIMENTS]
     for dataset in ("synthetic", "avdigits"):
-        used = {load_config(p).strategy for p in EXPERIMENTS if load_config(p).data.dataset == dataset}
+        used = {cfg.strategy for cfg in configs if cfg.data.dataset == dataset}
         assert used == SHIPPED_STRATEGIES
 
 

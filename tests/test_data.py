@@ -133,7 +133,7 @@ def test_noise_is_at_the_stated_snr_of_each_clip_and_fixed_by_its_seed():
 def test_avmnist_builds_from_its_config_on_a_tiny_tree(tmp_path):
     from blendtune.config import load_config
     from blendtune.data.base import DATASETS
-    from blendtune.worker import dataset_options
+    from blendtune.build import dataset_options
     make_tiny_avdigits(tmp_path)
     options = dataset_options(load_config(None, ["data.dataset=avmnist", "data.avmnist.test_speakers=[cid]",
                                                  "data.avmnist.snr_db=10"]))
@@ -165,7 +165,7 @@ def test_three_test_speakers_leave_two_training_voices_and_hold_out_the_third():
     # alone: the audio encoder trains on two voices, held-out selection sees a third, test three more.
     from pathlib import Path
     from blendtune.config import load_config
-    from blendtune.worker import build_data
+    from blendtune.build import build_data
     experiment = Path(__file__).resolve().parents[1] / "experiments" / "avdigits_three_speakers_naive.yaml"
     for seed in (0, 1):
         splits = build_data(load_config(str(experiment), [f"seed={seed}"]))

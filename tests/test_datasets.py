@@ -13,7 +13,7 @@ from blendtune.config import load_config
 from blendtune.data import DATASETS, build_splits
 from blendtune.data.audio import LogSpectrogram
 from blendtune.errors import UserError
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 from conftest import AV_CSV_TINY, CREMA_TINY, REPO, make_av_csv, make_crema_d, make_features, write_frames
 
 
@@ -62,7 +62,7 @@ def test_crema_d_defaults_give_ogm_ge_spectrogram_shape(tmp_path):
 
 
 def _options(name, *overrides):
-    from blendtune.worker import dataset_options
+    from blendtune.build import dataset_options
     return dataset_options(load_config(None, [f"data.dataset={name}", *overrides]))
 
 
@@ -82,7 +82,7 @@ def test_device_side_spectrogram_equals_loader_side(tmp_path):
     assert_same_log_spectrogram(batched, expected)
     # and the trainer applies it: same shapes reach the model either way
     t = trainer([*CREMA_TINY, f"data.root={root}", "data.spectrogram_on=device"])
-    inputs, _ = t._to_device(next(iter(t.train_loader)))
+    inputs, _ = t.feed.to_device(next(iter(t.train_loader)))
     assert inputs["audio"].shape[1:] == t.splits.train.input_shapes["audio"]
 
 

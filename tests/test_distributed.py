@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blendtune.config import load_config
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 from conftest import TINY
 from ddp import run_ddp
 

@@ -124,10 +124,10 @@ def test_short_clips_are_flagged_by_data_check_and_counted_in_training(tmp_path)
 
 
 def test_more_loader_workers_than_cpus_are_capped_with_one_note(capsys):
-    from blendtune.loop import available_cpus
-    from blendtune.worker import build_trainer
+    from blendtune.feeding import available_cpus
+    from blendtune.build import build_trainer
     trainer = build_trainer(load_config(None, TINY + [f"data.num_workers={available_cpus() + 6}"]))
-    assert trainer.loader_workers == available_cpus() and trainer.train_loader.num_workers == available_cpus()
+    assert trainer.feed.workers == available_cpus() and trainer.train_loader.num_workers == available_cpus()
     err = capsys.readouterr().err
     assert err.count("capped to the") == 1
 

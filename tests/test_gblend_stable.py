@@ -4,7 +4,7 @@ import pytest
 from blendtune.config import load_config
 from blendtune.errors import UserError
 from blendtune.functional import stabilised_blend_weights
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 from conftest import TINY
 
 
@@ -77,7 +77,7 @@ def _blended_backward(weights: dict):
     trainer = build_trainer(load_config(None, SETTING + ["train.epochs=1"]))
     strategy, model = trainer.strategy, trainer.model
     strategy.weights = weights
-    inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
+    inputs, targets = trainer.feed.to_device(next(iter(trainer.train_loader)))
     model.zero_grad()
     strategy.loss(model(inputs), targets, epoch=1).backward()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blendtune.config import load_config
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 from conftest import REPO, TINY
 
 
@@ -40,6 +40,7 @@ def test_on_device_is_refused_for_file_datasets(tmp_path):
 
 def _conv_trainer(channels_last: bool):
     from blendtune.data import MultimodalDataset, make_splits
+    from blendtune.feeding import LoaderOptions
     from blendtune.loop import Trainer, TrainOptions
     from blendtune.models import build_encoder, build_late_fusion
     from blendtune.strategies import build_strategy
@@ -52,15 +53,16 @@ def _conv_trainer(channels_last: bool):
                                "b": build_encoder("mlp", (4,), 16, 16, 0.0)}, "concat", 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     return Trainer(model, build_strategy("ogm", alpha=0.5), make_splits(ds, ds, 0.25, seed=0), opt,
-                   options=TrainOptions(epochs=2, batch_size=16, channels_last=channels_last, progress=False))
+                   options=TrainOptions(epochs=2, channels_last=channels_last, progress=False),
+                   loader=LoaderOptions(batch_size=16))
 
 
 def test_channels_last_puts_conv_weights_and_image_batches_in_nhwc_and_trains_alike():
     nhwc, nchw = _conv_trainer(True), _conv_trainer(False)
     assert nhwc.model.encoders["a"].features[0].weight.is_contiguous(memory_format=torch.channels_last)
-    inputs, _ = nhwc._to_device(next(iter(nhwc.train_loader)))
+    inputs, _ = nhwc.feed.to_device(next(iter(nhwc.train_loader)))
     assert inputs["a"].is_contiguous(memory_format=torch.channels_last)
-    assert not nchw._to_device(next(iter(nchw.train_loader)))[0]["a"].is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.feed.to_device(next(iter(nchw.train_loader)))[0]["a"].is_contiguous(memory_format=torch.channels_last)
     m1, m2 = nchw.fit(), nhwc.fit()
     assert m2["loss/objective"] == pytest.approx(m1["loss/objective"], rel=1e-4)
     assert m2["acc/test/fused"] == pytest.approx(m1["acc/test/fused"], abs=0.05)

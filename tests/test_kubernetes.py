@@ -8,7 +8,8 @@ import pytest
 import ray
 import yaml
 
-from blendtune.cli import _parser, strategy_variants
+from blendtune.cli import _parser
+from blendtune.comparisons import strategy_variants
 from blendtune.config import load_config, with_overrides
 from blendtune.errors import UserError
 from blendtune.search_space import check_sweep, load_search_space

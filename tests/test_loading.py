@@ -9,7 +9,7 @@ import torch
 
 from blendtune.config import load_config
 from blendtune.data import DATASETS
-from blendtune.worker import build_trainer, dataset_options
+from blendtune.build import build_trainer, dataset_options
 from conftest import CREMA_TINY, REPO, make_crema_d, write_frames
 
 
@@ -52,7 +52,7 @@ def test_training_with_frames_on_the_device(tmp_path):
     root = make_crema_d(tmp_path / "crema")
     t = build_trainer(load_config(None, [*CREMA_TINY, f"data.root={root}", "data.frames_on=device",
                                          "data.spectrogram_on=device", "data.num_workers=1"]))
-    inputs, _ = t._to_device(next(iter(t.train_loader)))
+    inputs, _ = t.feed.to_device(next(iter(t.train_loader)))
     assert inputs["visual"].shape[1:] == t.splits.train.input_shapes["visual"]
     assert torch.isfinite(torch.tensor(t.fit()["loss/objective"]))
 

@@ -15,7 +15,7 @@ from blendtune.errors import UserError
 from blendtune.functional import (class_means, class_quotas, entropy_fusion_weights, mean_entropy, mmpareto_gradients,
                                   owm_projector_update, pareto_weight, pmr_coefficients, prototype_logits)
 from blendtune.models import FUSED
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 
 
 def _trainer(strategy, extra=()):
@@ -85,7 +85,7 @@ def _authors_mmpareto(model, out_fn, targets, multiplier=1.5):
 
 def _step(trainer, batch):
     """The loop's own step (every turn) on one batch."""
-    trainer._train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, True)
+    trainer.train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, True)
 
 
 def _overflowing_next_step(trainer):
@@ -103,7 +103,7 @@ def _gradients_at_step(trainer, batch):
         seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         return step(*args, **kwargs)
     trainer.optimizer.step = capture
-    trainer._train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, True)
+    trainer.train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, True)
     trainer.optimizer.step = step
     return seen
 
@@ -113,7 +113,7 @@ def test_mmpareto_step_equals_the_authors_four_backward_passes(fusion):
     trainer = _trainer("mmpareto", [f"model.fusion={fusion}", "data.synthetic.modalities.memorizable.signal=0.0"])
     reference = copy.deepcopy(trainer.model)
     batch = next(iter(trainer.train_loader))
-    inputs, targets = trainer._to_device(batch)
+    inputs, targets = trainer.feed.to_device(batch)
     seen = _gradients_at_step(trainer, batch)
     expected = _authors_mmpareto(reference, lambda model: model(inputs), targets)
     assert seen.keys() == expected.keys()
@@ -204,7 +204,7 @@ def _prototypes_by_epoch(trainer):
     """Train; at each epoch start: the subset PMR read, its prototypes, and each class's mean feature over
     that subset from the model as it is then (by hand; NaN for a class with no sample in the subset)."""
     seen = []
-    features, start = trainer.training_features, trainer.strategy.on_epoch_start
+    features, start = trainer.context.features, trainer.strategy.on_epoch_start
 
     def read(model, indices):
         seen.append({"indices": np.asarray(indices)})
@@ -220,7 +220,7 @@ def _prototypes_by_epoch(trainer):
         seen[-1]["prototypes"] = {m: p.clone() for m, p in trainer.strategy.prototypes.items()}
         seen[-1]["means"] = {m: torch.stack([f[subset.targets == c].mean(0) for c in range(trainer.splits.num_classes)])
                              for m, f in feats.items()}
-    trainer.training_features, trainer.strategy.on_epoch_start = read, on_epoch_start
+    trainer.context.features, trainer.strategy.on_epoch_start = read, on_epoch_start
     trainer.fit()
     return seen
 
@@ -269,7 +269,7 @@ def test_pmr_loss_adds_the_prototype_loss_of_the_modality_behind_only():
     trainer = _trainer("pmr", ["pmr.alpha=2.0", "pmr.rule=paper", "pmr.mu=0.01", "pmr.entropy_epochs=1"])
     s = trainer.strategy
     s.on_epoch_start(1, trainer.context)
-    inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
+    inputs, targets = trainer.feed.to_device(next(iter(trainer.train_loader)))
     out = trainer.model(inputs, detach_unimodal_heads=True)
     logits = {m: -torch.cdist(out.features[m], s.prototypes[m]) for m in ("clean", "memorizable")}
     score = {m: lg.softmax(1).gather(1, targets[:, None]).sum() for m, lg in logits.items()}
@@ -347,7 +347,7 @@ def test_mla_projector_learns_nothing_from_steps_the_scaler_skips():
 
 def test_mla_later_turns_see_the_head_after_the_earlier_step():
     trainer = _trainer("mla")
-    inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
+    inputs, targets = trainer.feed.to_device(next(iter(trainer.train_loader)))
     out = trainer.model(inputs, detach_unimodal_heads=True)
     turns = trainer.strategy.step_losses(out, targets, 1)
     first = next(turns)
@@ -363,7 +363,7 @@ def test_mla_later_turns_see_the_head_after_the_earlier_step():
 def test_mla_predicts_with_per_sample_entropy_weights():
     trainer = _trainer("mla")
     trainer.fit()
-    inputs, _ = trainer._to_device(next(iter(trainer.train_loader)))
+    inputs, _ = trainer.feed.to_device(next(iter(trainer.train_loader)))
     model = trainer.model.eval()
     with torch.no_grad():
         out = model(inputs)

@@ -18,7 +18,7 @@ from blendtune.config import load_config
 from blendtune.errors import UserError
 from blendtune.functional import owm_projector_update
 from blendtune.loggers import MetricsFile, read_metrics
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 from conftest import REPO, TINY
 
 TORN = "blendtune: metrics.jsonl: dropped a torn last line (a write cut off)"
@@ -120,7 +120,7 @@ def _batch_orders(trainer):
     """The training-set indices of each epoch's batches, in the order the loop trained on them."""
     orders, training = [], [False]
     dataset = trainer.splits.train
-    fetch, steps = dataset.__getitems__, trainer._train_steps
+    fetch, steps = dataset.__getitems__, trainer.train_steps
 
     def getitems(indices):
         if training[0]:
@@ -135,7 +135,7 @@ def _batch_orders(trainer):
             return steps(model, batches, optimizer, scaler, strategy, epoch, main)
         finally:
             training[0] = False
-    dataset.__getitems__, trainer._train_steps = getitems, train_steps
+    dataset.__getitems__, trainer.train_steps = getitems, train_steps
     trainer.fit()
     return orders
 

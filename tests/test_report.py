@@ -44,7 +44,7 @@ def test_prediction_head_is_chosen_on_held_out_data_never_on_test():
 
 def test_train_predict_reports_the_prediction_head_every_epoch():
     from blendtune.config import load_config
-    from blendtune.worker import build_trainer
+    from blendtune.build import build_trainer
     from conftest import TINY
     trainer = build_trainer(load_config(None, TINY + ["train.predict=held_out_best"]))
     m = trainer.fit()
@@ -54,7 +54,7 @@ def test_train_predict_reports_the_prediction_head_every_epoch():
 
 
 def test_compare_variants_carry_options_and_are_labelled_as_written():
-    from blendtune.cli import strategy_variants
+    from blendtune.comparisons import strategy_variants
     from blendtune.config import load_config, with_overrides
     from blendtune.errors import UserError
     from blendtune.report import strategy_label

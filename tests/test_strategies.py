@@ -5,7 +5,7 @@ import torch
 
 from blendtune.config import load_config
 from blendtune.functional import ogm_coefficients
-from blendtune.worker import build_trainer
+from blendtune.build import build_trainer
 from blendtune.models import FUSED
 from blendtune.strategies import STRATEGIES, build_strategy
 from conftest import TINY
@@ -116,7 +116,7 @@ def _dominant_batch():
                                     "data.synthetic.modalities.clean.signal=2.0"])
     trainer = build_trainer(cfg)
     trainer.fit()
-    inputs, targets = trainer._to_device(next(iter(trainer.train_loader)))
+    inputs, targets = trainer.feed.to_device(next(iter(trainer.train_loader)))
     return trainer, inputs, targets
 
 
@@ -293,7 +293,7 @@ def test_fp16_gradients_are_unscaled_before_ogm_modulates_them():
         seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         modulate(out, targets, epoch, step)
     trainer.strategy.after_backward = after_backward
-    trainer._train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, main=True)
+    trainer.train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, main=True)
     # the same step in fp32, without a scaler
     inputs, targets = batch
     out = reference(inputs, modality_masks=None, detach_unimodal_heads=trainer.strategy.detach_unimodal_heads)

@@ -222,7 +222,7 @@ def _video_tiny():
 
 def test_av_csv_reads_frames_and_audio_from_video_files(tmp_path):
     from blendtune.config import load_config
-    from blendtune.worker import build_trainer
+    from blendtune.build import build_trainer
     root = _video_tree(tmp_path / "ks", wav_for=(0,))
     trainer = build_trainer(load_config(None, [*_video_tiny(), f"data.root={root}"]))
     samples = {s.id: s for s in trainer.splits.train.samples}

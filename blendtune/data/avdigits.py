@@ -22,7 +22,7 @@ import torchaudio
 from blendtune.data.audio import MIN_CLIP_S, fit_to_window, read_clip
 from blendtune.data.audiovisual import SHORT_CLIP, Sample, scan, warn_short_clips
 from blendtune.data.base import DATASETS, DataCheck, DatasetAdapter, MultimodalDataset, Problem, data_root
-from blendtune.errors import UserError
+from blendtune.errors import SettingError, UserError
 
 @dataclass
 class AVDigitsOptions:
@@ -149,7 +149,7 @@ def load_pairs(test_speakers: list[str], window_s: float, sample_rate: int, pair
     speakers = np.array([s for _, _, s in clips])
     unknown = sorted(set(test_speakers) - set(speakers))
     if unknown:
-        raise UserError(f"config key '{option_prefix}.test_speakers': no clips from {unknown}; "
+        raise SettingError(f"{option_prefix}.test_speakers", f"no clips from {unknown}; "
                         f"speakers found: {sorted(set(speakers.tolist()))}")
     digits = np.array([d for _, d, _ in clips])
     return DigitPairs(torch.stack(waves), np.minimum(native_lengths, length), images[pair_images(digits, labels, pairing_seed)],

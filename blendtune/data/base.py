@@ -133,7 +133,7 @@ class Splits:
     train: MultimodalDataset      # T: what the model trains on
     held_out: MultimodalDataset | None  # V: carved from the training set, never trained on
     train_eval: MultimodalDataset  # T or a fixed subset T' for measuring train loss
-    test: MultimodalDataset
+    test: MultimodalDataset | None  # optional for datasets of the user's own (then no test metrics)
 
     @property
     def modalities(self) -> list[str]:
@@ -214,9 +214,9 @@ def build_splits(dataset: str, data_args: dict, held_out_ratio: float, held_out_
 
 def make_splits(full_train, test, held_out_ratio: float, held_out_by_group: bool = False,
                 train_eval_size: int | None = None, seed: int = 0, held_out=None, name: str = "dataset") -> Splits:
-    """Splits from built datasets: `held_out` as given, else carved from `full_train` (seeded,
+    """Splits from built datasets (`test` may be None): `held_out` as given, else carved from `full_train` (seeded,
     stratified by class or by whole groups); T' a fixed subset of the training part if asked."""
-    if len(full_train) == 0 or len(test) == 0:
+    if len(full_train) == 0 or (test is not None and len(test) == 0):
         raise UserError(f"{name}: the {'training' if len(full_train) == 0 else 'test'} split is empty")
     if held_out is not None:
         train = full_train

@@ -7,7 +7,7 @@ they steer the stratified held-out split and give the number of classes.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +25,14 @@ class ItemDataset(Dataset):
     """Wraps the user's dataset; `subset` and `for_evaluation` return views, nothing is copied."""
 
     def __init__(self, items: Sequence, num_classes: int | None = None, groups: Sequence[str] | None = None,
-                 indices: Sequence[int] | None = None, targets: torch.Tensor | None = None, name: str = "dataset"):
+                 indices: Sequence[int] | None = None, targets: torch.Tensor | None = None, name: str = "dataset",
+                 collate_fn: Callable | None = None):
         if not hasattr(items, "__getitem__") or not hasattr(items, "__len__"):
             raise UserError(f"{name}: expected a map-style dataset or a sequence of (inputs, target), "
                             f"got {type(items).__name__}")
         self.items, self.name = items, name
+        # batches are made by the user's collate_fn (e.g. padding variable-length audio), else torch's default
+        self.collate_fn = collate_fn or default_collate
         self.indices = list(range(len(items))) if indices is None else [int(i) for i in indices]
         self.targets = targets if targets is not None else self._read_targets()
         multilabel = self.targets.dim() == 2
@@ -78,24 +81,25 @@ class ItemDataset(Dataset):
         inputs, target = self._item(self.indices[i])
         return {m: torch.as_tensor(x) for m, x in inputs.items()}, _as_target(target)
 
-    @staticmethod
-    def collate_fn(items):
-        return default_collate(items)
-
     def subset(self, indices) -> "ItemDataset":
         idx = np.asarray(indices, dtype=np.int64)
         groups = [self.groups[i] for i in idx] if self.groups is not None else None
         return ItemDataset(self.items, self.num_classes, groups, [self.indices[i] for i in idx],
                            self.targets[torch.as_tensor(idx, dtype=torch.long)] if len(idx) else self.targets[:0],
-                           self.name)
+                           self.name, self.collate_fn)
 
     def for_evaluation(self) -> "ItemDataset":
         return self
 
 
-def as_dataset(data, name: str, num_classes: int | None = None, groups: Sequence[str] | None = None):
-    """blendtune's datasets pass through; anything else map-style is wrapped."""
+def as_dataset(data, name: str, num_classes: int | None = None, groups: Sequence[str] | None = None,
+               collate_fn: Callable | None = None):
+    """blendtune's datasets pass through; anything else map-style is wrapped (batched by `collate_fn`)."""
     if data is None or isinstance(data, ItemDataset) or all(hasattr(data, a) for a in ("collate_fn", "subset",
                                                                                        "for_evaluation", "targets")):
+        if collate_fn is not None and data is not None:
+            if not isinstance(data, ItemDataset):
+                raise UserError(f"{name}: collate_fn= is for datasets of your own; this blendtune dataset batches itself")
+            data.collate_fn = collate_fn
         return data
-    return ItemDataset(data, num_classes, groups, name=name)
+    return ItemDataset(data, num_classes, groups, name=name, collate_fn=collate_fn)

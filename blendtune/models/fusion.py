@@ -43,6 +43,7 @@ class SumFusion(nn.Module):
 
 class FiLMFusion(nn.Module):
     """The second modality produces (gamma, beta) that modulate the first's features (Perez et al.)."""
+    ogm_scores_from_heads = True  # no per-modality share of the classifier: OGM scores the uni-modal heads
 
     def __init__(self, dims: dict[str, int], num_classes: int):
         super().__init__()
@@ -59,6 +60,7 @@ class FiLMFusion(nn.Module):
 
 class GatedFusion(nn.Module):
     """A sigmoid gate computed from the first modality scales the second's projection."""
+    ogm_scores_from_heads = True  # no per-modality share of the classifier: OGM scores the uni-modal heads
 
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 256):
         super().__init__()

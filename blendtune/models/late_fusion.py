@@ -12,7 +12,7 @@ module following this protocol:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ FUSED = "fused"
 
 @dataclass
 class ModelOutput:
+    """What the classifier returns for a batch: the backbone's features and every head's logits
+    (`out.logits["fused"]` is the fused head's, `out.logits["audio"]` a modality's head)."""
     features: dict[str, torch.Tensor]   # per modality, before fusion
     logits: dict[str, torch.Tensor]     # per head: every modality and FUSED
 
@@ -44,6 +46,9 @@ class ModalityEncoders(nn.ModuleDict):
 
 
 class LateFusionClassifier(nn.Module):
+    """A backbone (`encoders`: features per modality), one linear head per modality (`heads`) and the
+    fusion (`fusion`: features -> fused logits). Its forward returns a ModelOutput with k + 1 heads."""
+
     def __init__(self, encoders: Mapping[str, nn.Module] | nn.Module, fusion: nn.Module, num_classes: int,
                  feature_dims: Mapping[str, int] | None = None):
         super().__init__()
@@ -151,6 +156,7 @@ def encoders_for(input_shapes: Mapping[str, tuple[int, ...]], specs: Mapping[str
     for m, shape in input_shapes.items():
         spec = specs.get(m) or default_encoder_spec(default_names.get(m) or default_encoder_name(shape))
         encoders[m] = build_encoder(spec.name, shape, dim=spec.dim, hidden=spec.hidden, dropout=spec.dropout)
+        encoders[m].spec = spec  # what built it (a run's model.json records it: blendtune.load)
     return encoders
 
 
@@ -167,13 +173,51 @@ def build_late_fusion(encoders: Mapping[str, nn.Module], fusion: str, num_classe
 
 
 
-def classifier_for(backbone: nn.Module, sample_inputs: Mapping[str, torch.Tensor], fusion: str,
-                   num_classes: int) -> LateFusionClassifier:
+def make_fusion(fusion: "str | nn.Module | Callable[[dict[str, int], int], nn.Module]", dims: dict[str, int],
+                num_classes: int) -> nn.Module:
+    """blendtune's fusion by name, or the user's: a module (forward(dict of (B, D_m) features) -> (B, C)
+    logits) or a factory called with (feature_dims, num_classes)."""
+    if isinstance(fusion, str):
+        return build_fusion(fusion, dims, num_classes)
+    if not isinstance(fusion, nn.Module) and callable(fusion):
+        fusion = fusion(dict(dims), num_classes)
+    if not isinstance(fusion, nn.Module):
+        raise ValueError(f"fusion: expected a name, an nn.Module or a factory (feature_dims, num_classes) -> "
+                         f"nn.Module, got {type(fusion).__name__}")
+    return fusion
+
+
+def classifier_for(backbone: nn.Module, sample_inputs: Mapping[str, torch.Tensor],
+                   fusion: "str | nn.Module | Callable", num_classes: int) -> LateFusionClassifier:
     """The user's backbone (dict of inputs -> dict of features) with blendtune's uni-modal heads and
-    fusion; feature sizes and (without `modality_parameters`) each modality's parameters are found on
-    `sample_inputs`, a small batch."""
+    a fusion (blendtune's by name, or the user's own module); feature sizes and (without
+    `modality_parameters`) each modality's parameters are found on `sample_inputs`, a small batch."""
     dims = feature_dims_of(backbone, sample_inputs)
-    model = LateFusionClassifier(backbone, build_fusion(fusion, dims, num_classes), num_classes, dims)
+    model = LateFusionClassifier(backbone, make_fusion(fusion, dims, num_classes), num_classes, dims)
+    if not isinstance(fusion, str):
+        check_fusion_output(model, sample_inputs, num_classes)
     if not hasattr(backbone, "modality_parameters"):
         model.trace_modality_parameters(sample_inputs)
     return model
+
+
+def check_fusion_output(model: LateFusionClassifier, sample_inputs: Mapping[str, torch.Tensor],
+                        num_classes: int) -> None:
+    """A fusion of the user's must map the features to (batch, num_classes) logits: said in one line."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feats = model.encoders(dict(sample_inputs))
+            try:
+                out = model.fusion({m: feats[m] for m in model.modalities})
+            except Exception as e:
+                raise ValueError(f"fusion {type(model.fusion).__name__}: forward(dict of (batch, D) features per "
+                                 f"modality) failed: {type(e).__name__}: {e}") from None
+    finally:
+        model.train(was_training)
+    batch = next(iter(feats.values())).shape[0]
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (batch, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"fusion {type(model.fusion).__name__}: expected (batch, num_classes) = "
+                         f"{(batch, num_classes)} logits from forward(features), got {got}")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from blendtune.errors import OptionError, UserError
+from blendtune.errors import OptionError, SettingError, UserError
 from blendtune.functional import classification_loss
 from blendtune.models import FUSED, LateFusionClassifier, ModelOutput
 from blendtune.registry import Registry
@@ -87,6 +87,10 @@ class BalancingStrategy:
         self.model = model
         self.seed = seed
         self.total_epochs = total_epochs
+
+    def prepare_inference(self, model: LateFusionClassifier) -> None:
+        """Set up a trained model for prediction as the method defines it (MLA: entropy-weighted fusion);
+        `setup` calls it, and so does blendtune.load on a model rebuilt from its run directory."""
 
     def modality_masks(self, targets: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -156,9 +160,18 @@ def fusion_for(strategy: str | type[BalancingStrategy] | BalancingStrategy, requ
         return requested
     if requested != default:
         name = strategy if isinstance(strategy, str) else type(strategy).__name__
-        raise UserError(f"config key 'model.fusion': strategy {name} is defined with fusion {wanted!r} "
+        raise SettingError("model.fusion", f"strategy {name} is defined with fusion {wanted!r} "
                         f"(one classifier shared by every modality), got {requested!r}")
     return wanted
+
+
+def check_held_out(strategy: str | type[BalancingStrategy] | BalancingStrategy, has_held_out: bool) -> None:
+    """G-Blend's weights (and OGR) are measured on held-out data: a run of such a strategy needs a split V."""
+    cls = STRATEGIES.get(strategy) if isinstance(strategy, str) else strategy
+    if getattr(cls, "needs_held_out", False) and not has_held_out:
+        name = strategy if isinstance(strategy, str) else getattr(cls, "__name__", type(cls).__name__)
+        raise SettingError("data.held_out_ratio", f"{name} needs a held-out split: data.held_out_ratio > 0 or "
+                                                  "held-out data of your own")
 
 
 def strategy_options(name: str, **options):
@@ -184,6 +197,13 @@ def validate_options(options: Any) -> None:
         check()
 
 
+def check_required_options(name: str, options: Any) -> None:
+    """The options strategy `name` cannot run without (unimodal's modality): set, or an OptionError."""
+    for key in STRATEGIES.get(name).required_options:
+        if not getattr(options, key):
+            raise OptionError(key, f"the {name} strategy needs it")
+
+
 def build_strategy(name: str, options: Any = None, **keyword_options) -> BalancingStrategy:
     """`build_strategy("ogm_ge", alpha=0.5)` or `build_strategy("ogm_ge", OGMOptions(...))`."""
     cls = STRATEGIES.get(name)
@@ -193,7 +213,5 @@ def build_strategy(name: str, options: Any = None, **keyword_options) -> Balanci
         raise TypeError("give the options dataclass or keyword options, not both")
     else:
         validate_options(options)
-    for key in cls.required_options:
-        if not getattr(options, key):
-            raise OptionError(key, f"the {name} strategy needs it")
+    check_required_options(name, options)
     return cls(options) if STRATEGIES.options(name) is not None else cls()

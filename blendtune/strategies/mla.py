@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from blendtune import distributed
-from blendtune.errors import OptionError, UserError
+from blendtune.errors import OptionError, SettingError, UserError
 from blendtune.functional import all_finite, classification_loss, owm_projector_update
 from blendtune.models import ModelOutput
 from blendtune.models.fusion import SharedHeadFusion
@@ -43,10 +43,13 @@ class MLA(BalancingStrategy):
     fusion = "shared"       # the model is built with the shared head (model.fusion=shared)
     compiles = False        # turn 1's backward frees the compiled forward's saved tensors turn 2 needs
 
+    def prepare_inference(self, model) -> None:
+        model.fusion.weighting = self.options.test_fusion  # MLA's test-time uncertainty fusion
+
     def setup(self, model, seed, total_epochs):
         super().setup(model, seed, total_epochs)
         if not isinstance(model.fusion, SharedHeadFusion):
-            raise UserError("config key 'model.fusion': strategy mla trains one classifier shared by every modality; "
+            raise SettingError("model.fusion", "strategy mla trains one classifier shared by every modality; "
                             f"set model.fusion=shared (got {type(model.fusion).__name__})")
         self.head = head = model.fusion.fc
         own = {id(p) for m in model.modalities for _, p in model.encoder_parameters(m)}
@@ -54,7 +57,7 @@ class MLA(BalancingStrategy):
         if shared:  # one modality's step would change what the next turn's features were computed with
             raise UserError(f"strategy mla needs a separate encoder per modality; the backbone's parameters "
                             f"{', '.join(shared[:3])}{' ...' if len(shared) > 3 else ''} serve several modalities")
-        model.fusion.weighting = self.options.test_fusion
+        self.prepare_inference(model)
         dim = head.in_features
         self.projector = torch.eye(dim, device=head.weight.device, dtype=torch.float32)
         self.projections = 0  # the first turn of the run learns freely (the authors' exp_count)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from blendtune.distributed import all_reduce_sum_
-from blendtune.errors import OptionError
+from blendtune.errors import SettingError, OptionError
 from blendtune.functional import modulate_gradients_, ogm_coefficients_from_scores, ogm_scores
 from blendtune.models import ModelOutput
 from blendtune.strategies.base import STRATEGIES, BalancingStrategy
@@ -45,6 +45,12 @@ class OGM(BalancingStrategy):
 
     def setup(self, model, seed, total_epochs):
         super().setup(model, seed, total_epochs)
+        fusion = model.fusion
+        if not hasattr(fusion, "unimodal_logits") and not getattr(fusion, "ogm_scores_from_heads", False):
+            raise SettingError("model.fusion", f"OGM scores each modality through its share of the fused classifier: "
+                               f"fusion {type(fusion).__name__} needs unimodal_logits(features) -> dict of (batch, "
+                               "classes) logits per modality (or ogm_scores_from_heads = True to score the "
+                               "uni-modal heads)")
         # Which gradients each modality's coefficient scales: all encoder parameters, or (as the
         # official code does) only the conv weights.
         self.modulated = {
