@@ -33,6 +33,7 @@ from blendtune.comparisons import SweepResult
 from blendtune.config import (ExperimentConfig, in_python_terms, keyword_overrides, load_config,
                               with_overrides)
 from blendtune.errors import UserError
+from blendtune.feeding import check_loader_options
 from blendtune.loggers import read_metrics
 from blendtune.loop import BEST, Trainer
 from blendtune.models import FUSED, LateFusionClassifier
@@ -65,10 +66,11 @@ class FitResult:
     config: ExperimentConfig | None = None
     trainer: Trainer | None = None
     collate_fn: Callable | None = None
+    weights_epoch: int | None = None   # the epoch whose weights `model` holds (keep_best: the best one)
 
     @property
     def best_epoch(self) -> int | None:
-        """The epoch whose weights keep_best kept (None without keep_best / patience)."""
+        """The best epoch by the monitored held-out metric (None without keep_best / early stopping)."""
         return int(self.metrics["best/epoch"]) if "best/epoch" in self.metrics else None
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
@@ -81,7 +83,7 @@ class FitResult:
         rule = self.config.train.predict if self.config is not None else FUSED
         if rule != "held_out_best":
             return rule
-        epoch = self.best_epoch or (self.history[-1]["epoch"] if self.history else None)
+        epoch = self.weights_epoch or (self.history[-1]["epoch"] if self.history else None)
         row = next((r for r in self.history if r.get("epoch") == epoch), self.metrics)
         chosen = [k.split("/", 1)[1] for k, v in row.items() if k.startswith("prediction/") and v == 1.0]
         return chosen[0] if chosen else FUSED
@@ -168,9 +170,11 @@ def fit(model: Any, train: Any = None, test: Any = None, held_out: Any = None,
     - `callbacks`: called with each epoch's metrics.
     """
     caller = "fit"
+    # the run builds from a copy of a model instance: each FitResult owns its model (read your trained
+    # backbone from result.model.encoders or result.backbone_state_dict())
     parts = UserParts(model=model, train=train, test=test, held_out=held_out, data=data, num_classes=num_classes,
-                      collate_fn=collate_fn, sampler=sampler, loader_options=dict(loader_options or {}),
-                      fusion=fusion if fusion is not None and not isinstance(fusion, str) else None)
+                      collate_fn=collate_fn, sampler=sampler, loader_options=check_loader_options(loader_options or {}),
+                      fusion=fusion if fusion is not None and not isinstance(fusion, str) else None, copy_model=True)
     if train is None and data is None:
         raise UserError("fit(): give train= (and test=, held_out= if you have them) or data= (a factory)")
     history: list[dict] = []
@@ -184,7 +188,7 @@ def fit(model: Any, train: Any = None, test: Any = None, held_out: Any = None,
             if strategy is not None and _strategy_name(strategy) != saved.strategy:
                 raise UserError(f"fit(resume=...): the run trained {saved.strategy}; a resume cannot change the strategy")
             overrides = keyword_overrides(caller, options, [saved.strategy], config=_config_dict(config))
-            cfg = resume_config(run_dir, [f"{k}={_override_text(v)}" for k, v in overrides.items()])
+            cfg = resume_config(run_dir, [f"{k}={_override_text(v)}" for k, v in overrides.items()], from_python=True)
             write_config(run_dir, cfg)
         else:
             cfg, parts.strategy = _new_config(caller, strategy, fusion, options, config)
@@ -204,8 +208,12 @@ def _train(cfg, parts: UserParts, run_dir: Path | None, resume: bool, callbacks:
     if cfg.workers > 1:
         if run_dir is None:
             raise UserError("fit(workers=...): a run on several Ray workers needs run_dir= (rank 0 writes it)")
+        if parts.sampler is not None:
+            raise UserError("fit(sampler=...): a sampler of your own orders one process's batches; with several "
+                            "workers each takes its shard through a DistributedSampler (leave sampler unset)")
         train_with_ray(cfg, run_dir, resume, parts)
-        return load(run_dir, model=parts.model, fusion=parts.fusion, checkpoint="best" if cfg.train.keep_best else "last")
+        return load(run_dir, model=parts.model, fusion=parts.fusion, collate_fn=parts.collate_fn,
+                    checkpoint="best" if cfg.train.keep_best else "last")
     built: dict = {}
     spec = local_run_spec(run_dir, resume, table=cfg.train.progress, callbacks=callbacks) if run_dir is not None \
         else worker.RunSpec(callbacks=callbacks)
@@ -213,7 +221,8 @@ def _train(cfg, parts: UserParts, run_dir: Path | None, resume: bool, callbacks:
     trainer = built["trainer"]
     if resume and run_dir is not None:  # the history of the whole run, not only the epochs trained now
         history[:] = read_metrics(run_dir / worker.METRICS_FILE)
-    return FitResult(metrics, trainer.model, history, run_dir, cfg, trainer, parts.collate_fn)
+    epoch = trainer.best.epoch if cfg.train.keep_best and trainer.best is not None else trainer.epoch
+    return FitResult(metrics, trainer.model, history, run_dir, cfg, trainer, parts.collate_fn, epoch)
 
 
 def _new_config(caller: str, strategy, fusion, options: dict, config) -> tuple[ExperimentConfig, Any]:
@@ -276,13 +285,14 @@ def _saved_config(run_dir: Path) -> ExperimentConfig:
 
 
 # ---- load -------------------------------------------------------------------------------------------
-def load(run_dir: str | Path, model: Any = None, fusion: Any = None, checkpoint: str = "best") -> FitResult:
+def load(run_dir: str | Path, model: Any = None, fusion: Any = None, checkpoint: str = "best",
+         collate_fn: Callable | None = None) -> FitResult:
     """The trained model of a run folder (from `blendtune train` or `fit(run_dir=...)`), ready to predict.
 
     blendtune's own encoders are rebuilt from the folder; a model of your own is passed again (`model=`
     an instance or class of your backbone, and `fusion=` if you used one of your own), and its trained
     weights are loaded into it. `checkpoint="best"` takes checkpoints/best.pt when the run kept one
-    (train.keep_best), else the last checkpoint."""
+    (train.keep_best), else the last checkpoint. `collate_fn` batches `predict`'s items (as in the run)."""
     import json
 
     from blendtune import worker
@@ -306,12 +316,14 @@ def load(run_dir: str | Path, model: Any = None, fusion: Any = None, checkpoint:
     if checkpoint not in ("best", "last"):
         raise UserError(f"load(checkpoint=...): expected 'best' or 'last', got {checkpoint!r}")
     try:
-        classifier.load_state_dict(load_checkpoint(path)["model"])
+        saved = load_checkpoint(path)
+        classifier.load_state_dict(saved["model"])
     except RuntimeError as e:
         raise UserError(f"load: the weights in '{path}' do not fit this model: {str(e).splitlines()[0]}") from None
     _strategy_from(cfg).prepare_inference(classifier)
     history = read_metrics(run_dir / worker.METRICS_FILE) if (run_dir / worker.METRICS_FILE).is_file() else []
-    return FitResult(history[-1] if history else {}, classifier, history, run_dir, cfg)
+    return FitResult(history[-1] if history else {}, classifier, history, run_dir, cfg, collate_fn=collate_fn,
+                     weights_epoch=int(saved["epoch"]))
 
 
 # ---- sweeps -----------------------------------------------------------------------------------------

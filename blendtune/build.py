@@ -108,7 +108,8 @@ def build_data(cfg, parts: UserParts | None = None):
     else:
         return build_splits(d.dataset, {**dataset_options(cfg), "root": d.root}, d.held_out_ratio,
                             d.held_out_by_group, d.train_eval_size, cfg.seed, skip_bad=d.skip_bad,
-                            spectrogram_on=d.spectrogram_on, frames_on=d.frames_on, use_cache=d.use_cache)
+                            spectrogram_on=d.spectrogram_on, frames_on=d.frames_on, use_cache=d.use_cache,
+                            folds=d.held_out_folds, fold=d.held_out_fold)
     train, held_out, test = _three(made, source)
     if train is None:
         raise SettingError("data._target_", f"{source} returned no training dataset")
@@ -117,7 +118,8 @@ def build_data(cfg, parts: UserParts | None = None):
     test = as_dataset(test, "test", classes, collate_fn=parts.collate_fn) if test is not None else None
     held_out = as_dataset(held_out, "held_out", classes, collate_fn=parts.collate_fn) if held_out is not None else None
     return make_splits(train, test, d.held_out_ratio if held_out is None else 0.0, d.held_out_by_group,
-                       d.train_eval_size, cfg.seed, held_out=held_out, name=source)
+                       d.train_eval_size, cfg.seed, held_out=held_out, name=source, folds=d.held_out_folds,
+                       fold=d.held_out_fold)
 
 
 def _three(made, source: str):
@@ -220,7 +222,14 @@ def sample_batch(dataset, size: int = 2) -> dict[str, torch.Tensor]:
     collate = getattr(dataset, "collate_fn", None)
     if collate is None:
         from torch.utils.data import default_collate as collate
-    return collate([item for item in items if item is not None])[0]
+    try:
+        return collate([item for item in items if item is not None])[0]
+    except RuntimeError as e:
+        if "equal size" not in str(e):
+            raise
+        shapes = {m: [tuple(torch.as_tensor(item[0][m]).shape) for item in items] for m in items[0][0]}
+        raise UserError(f"train: items have inputs of different shapes ({shapes}), which torch's default collate "
+                        "cannot stack; pass collate_fn= (e.g. one padding each batch to its longest item)") from None
 
 
 def locate(path: str, key: str) -> Callable:

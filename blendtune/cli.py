@@ -5,6 +5,8 @@
     blendtune sweep   EXPERIMENT.yaml --space SPACE.yaml [key=value ...]   Ray Tune
     blendtune sweep   --resume RUN_DIR
     blendtune compare EXPERIMENT.yaml --strategies naive,gblend,ogm_ge,unimodal:audio --seeds 3 [key=value ...]
+    blendtune compare EXPERIMENT.yaml --strategies naive,gblend --tune 8 --seeds 5   tuned at an equal budget
+    blendtune leaderboard RUN_DIR [RUN_DIR ...] [--out FILE]   strategies x experiments, average rank
     blendtune report  RUN_DIR
     blendtune data check    DATASET|EXPERIMENT.yaml [--root DIR] [key=value ...]   walk every file
     blendtune data prepare  DATASET|EXPERIMENT.yaml [--root DIR]   decode once into a cache training reads
@@ -43,10 +45,20 @@ def _parser() -> argparse.ArgumentParser:
                          help="comma-separated; unimodal:MODALITY for one modality alone; "
                               "STRATEGY:KEY=VALUE[:KEY=VALUE] a variant with options (gblend:ema=0.5)")
     compare.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per strategy (5: a 95%% CI worth reading)")
+    compare.add_argument("--tune", type=int, default=0, metavar="N",
+                         help="first tune each strategy at an equal budget: N random-search trials over its space, "
+                              "selected on held-out data (sweep.folds=k: the mean over k folds), then its choice on "
+                              "--seeds fresh seeds")
+    compare.add_argument("--spaces", metavar="DIR", default=None,
+                         help="with --tune: a folder of <strategy>.yaml search spaces (default: search_spaces/)")
     compare.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted comparison")
 
     report = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a sweep")
     report.add_argument("run_dir")
+
+    board = sub.add_parser("leaderboard", help="one table of strategies x experiments from several comparisons")
+    board.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="comparison folders (compare, compare --tune)")
+    board.add_argument("--out", default=None, help="also write the table to this markdown file")
 
     data = sub.add_parser("data", help="check or download datasets").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="count samples per split/class and list every bad file; "
@@ -128,7 +140,8 @@ def compare_command(args) -> Path:
     def started(run_dir: Path) -> None:
         _started(run_dir, "compare")
         print(f"compare dir: {run_dir}", flush=True)
-    done = comparison(args.experiment, args.overrides, args.strategies, args.seeds, args.resume, on_start=started)
+    done = comparison(args.experiment, args.overrides, args.strategies, args.seeds, args.resume, on_start=started,
+                      tune=args.tune, spaces=args.spaces)
     print(done.report)
     return done.run_dir
 
@@ -224,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = sweep_command(args)
         elif args.command == "compare":
             run_dir = compare_command(args)
+        elif args.command == "leaderboard":
+            from blendtune.leaderboard import leaderboard
+            table = leaderboard([Path(d) for d in args.run_dirs])
+            if args.out:
+                Path(args.out).write_text(table)
+            print(table)
+            return 0
         else:
             from blendtune.report import write_report
             run_dir = Path(args.run_dir)

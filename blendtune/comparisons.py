@@ -81,11 +81,15 @@ def strategy_variants(strategies: str | Sequence[str]) -> list[dict]:
     return variants
 
 
-def new_comparison(cfg: ExperimentConfig, variants: list[dict], seeds: int) -> tuple[Path, ExperimentConfig, dict]:
+def new_comparison(cfg: ExperimentConfig, variants: list[dict], seeds: int, tune: int = 0,
+                   spaces: Mapping[str, Any] | None = None) -> tuple[Path, ExperimentConfig, dict]:
     """The comparison's folder, config (a grid, no scheduler, one trial per point) and space, after
-    every check: each variant's config validates and gives its own report row."""
+    every check: each variant's config validates and gives its own report row. With `tune` = N, each
+    variant is an arm tuned at an equal budget first (blendtune.tuning): its space and metric recorded."""
     if seeds < 1:
         raise UserError("--seeds: expected at least 1")
+    if tune < 0:
+        raise UserError("--tune: expected the number of trials per strategy (0: no tuning)")
     cfg = with_overrides(cfg, {"sweep.search": "grid", "sweep.scheduler": "none", "sweep.num_samples": 1})
     labels = []
     for variant in variants:  # fail before starting Ray, not inside a trial
@@ -96,8 +100,53 @@ def new_comparison(cfg: ExperimentConfig, variants: list[dict], seeds: int) -> t
     if len(set(labels)) < len(labels):  # the report groups trials by label
         raise UserError(f"--strategies: {sorted({l for l in labels if labels.count(l) > 1})} would be one row: "
                         "give each variant once")
-    space = {"seed": Distribution("grid", tuple(range(seeds)))}
-    return create_sweep_dir(cfg, space, variants, kind="compare"), cfg, space
+    tuning = None
+    if tune:
+        arms = [arm_for(cfg, variant, label, spaces) for variant, label in zip(variants, labels)]
+        tuning = {"trials": tune, "seeds": seeds, "folds": cfg.sweep.folds, "seed": cfg.seed,
+                  "arms": [{"label": label, "variant": a.variant, "metric": a.metric,
+                            "space": {k: {d.kind: list(d.args)} for k, d in a.space.items()}}
+                           for a, label in zip(arms, labels)]}
+        space = {}
+    else:
+        space = {"seed": Distribution("grid", tuple(range(seeds)))}
+    return create_sweep_dir(cfg, space, variants, kind="compare", tuning=tuning), cfg, space
+
+
+# A strategy without a space file of its own is tuned on another's: OGM-GE shares OGM's knobs; a modality
+# alone (and modality dropout's baseline knob) is tuned on naive's, the learning rate.
+SPACE_OF = {"ogm_ge": "ogm", "unimodal": "naive"}
+
+
+def default_spaces_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def arm_for(cfg: ExperimentConfig, variant: dict, label: str, spaces: Mapping[str, Any] | None):
+    """An arm of a tuned comparison: its space (`spaces[label or strategy]`, a dict or a YAML path; else
+    search_spaces/<strategy>.yaml) without the keys its variant fixes, and its held-out selection metric."""
+    from blendtune.search_space import check_sweep
+    from blendtune.tuning import Arm
+
+    name = variant["strategy"]
+    directory = None
+    if isinstance(spaces, (str, Path)):  # a folder of <strategy>.yaml files (the CLI's --spaces)
+        directory, spaces = Path(spaces), None
+    given = (spaces or {}).get(label, (spaces or {}).get(name))
+    if given is None:
+        path = (directory or default_spaces_dir()) / f"{SPACE_OF.get(name, name)}.yaml"
+        if not path.is_file():
+            raise UserError(f"--tune: no search space for {label}: write {path} or pass spaces={{'{name}': {{...}}}}")
+        given = path
+    space = load_search_space(given) if isinstance(given, (str, Path)) else parse_space(dict(given), f"spaces[{label!r}]")
+    space = {k: d for k, d in space.items() if k not in variant and k != "seed"}
+    if not space:
+        raise UserError(f"--tune: {label}'s search space is empty once its variant's own settings are removed")
+    arm_cfg = with_overrides(cfg, variant)
+    check_sweep(with_overrides(arm_cfg, {"sweep.search": "random"}), space, None, f"search space of {label}")
+    head = variant.get("unimodal.modality") or ("prediction" if arm_cfg.train.predict != "fused" else "fused")
+    score = cfg.sweep.metric.split("/")[0]  # acc, or map for multi-label data
+    return Arm(variant, space, f"{score}/held_out/{head}")
 
 
 def compare(model: Any = None, train: Any = None, test: Any = None, held_out: Any = None,
@@ -105,28 +154,32 @@ def compare(model: Any = None, train: Any = None, test: Any = None, held_out: An
             experiment: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = (),
             resume: str | Path | None = None, data: Callable | None = None, num_classes: int | None = None,
             collate_fn: Callable | None = None, fusion: Any = None, config: Mapping[str, Any] | None = None,
-            **options: Any) -> Comparison:
+            tune: int = 0, spaces: Mapping[str, Any] | None = None, **options: Any) -> Comparison:
     """Strategies x seeds as one Ray Tune sweep, then the report, as `blendtune compare`.
 
     The run is `experiment` (YAML; `overrides` as key=value strings or a dict) or your own `model` (a
     class or factory: each seed initialises its own weights) and `train`/`test` datasets (or a `data`
     factory), shipped to the trials through Ray's object store. `strategies`: names or variants
     (`"gblend:ema=0.5"`, `"unimodal:audio"`). `options`: settings by keyword (epochs, lr, batch_size...,
-    and the sweep's: storage_path, address, max_concurrent); `config`: any key in full. `resume`: an
-    interrupted comparison's folder (with the same objects)."""
+    and the sweep's: storage_path, address, max_concurrent, folds); `config`: any key in full. `resume`: an
+    interrupted comparison's folder (with the same objects). `tune=N`: each strategy first gets N trials of
+    random search over its space (`spaces={"gblend": {...}}`, else search_spaces/<strategy>.yaml), selected
+    on held-out data (the mean over `folds` held-out folds), then its choice runs on `seeds` fresh seeds."""
     parts = _parts(model, train, test, held_out, data, num_classes, collate_fn, fusion)
     if parts is not None and test is None and data is None:
         raise UserError("compare(): give test= (the report compares test scores; selection stays on held-out data)")
     names = [v["strategy"] for v in strategy_variants(strategies)] if resume is None else []
     try:
-        return comparison(experiment, overrides, strategies, seeds, resume, parts, fusion, options, config)
+        return comparison(experiment, overrides, strategies, seeds, resume, parts, fusion, options, config,
+                          tune=tune, spaces=spaces)
     except UserError as e:
         raise in_python_terms(e, "compare", names, sweeps=True) from None
 
 
 def comparison(experiment, overrides, strategies, seeds: int, resume, parts: UserParts | None = None, fusion=None,
                options: dict | None = None, config: Mapping[str, Any] | None = None,
-               on_start: Callable[[Path], None] | None = None) -> Comparison:
+               on_start: Callable[[Path], None] | None = None, tune: int = 0,
+               spaces: Mapping[str, Any] | None = None) -> Comparison:
     """compare, speaking config keys (the CLI's `blendtune compare` calls this)."""
     if resume is not None:
         run_dir = Path(resume)
@@ -135,15 +188,30 @@ def comparison(experiment, overrides, strategies, seeds: int, resume, parts: Use
         variants = strategy_variants(strategies)
         cfg = _sweep_config("compare", experiment, overrides, parts, fusion, [v["strategy"] for v in variants],
                             options or {}, config)
-        run_dir, cfg, space = new_comparison(cfg, variants, seeds)
+        run_dir, cfg, space = new_comparison(cfg, variants, seeds, tune, spaces)
     if on_start is not None:
         on_start(run_dir)
-    results = run_sweep(cfg, space, run_dir, TrialConfig(cfg), variants, resume=resume is not None, parts=parts)
+    searcher, num_samples = _equal_budget_searcher(run_dir)
+    results = run_sweep(cfg, space, run_dir, TrialConfig(cfg), variants, resume=resume is not None, parts=parts,
+                        searcher=searcher, num_samples=num_samples)
     raise_failed_trials(results)
     report = write_report(run_dir)
     with (run_dir / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     return Comparison(run_dir, report.read_text(), rows, results)
+
+
+def _equal_budget_searcher(run_dir: Path):
+    """compare --tune's searcher (and its trial count) from what the comparison recorded; (None, None) else."""
+    from blendtune.runs import load_tuning
+    from blendtune.tuning import Arm, make_searcher, total_trials
+
+    tuning = load_tuning(run_dir)
+    if not tuning:
+        return None, None
+    arms = [Arm(a["variant"], parse_space(a["space"], a["label"]), a["metric"]) for a in tuning["arms"]]
+    searcher = make_searcher(arms, tuning["trials"], tuning["seeds"], tuning["folds"], tuning["seed"])
+    return searcher, total_trials(len(arms), tuning["trials"], tuning["seeds"], tuning["folds"])
 
 
 def raise_failed_trials(results) -> None:

@@ -37,6 +37,8 @@ class DataFields(LoaderOptions):
     root: Optional[str] = None   # falls back to $BLENDTUNE_DATA_ROOT
     held_out_ratio: float = 0.1
     held_out_by_group: bool = False   # hold out whole groups (speakers) instead of stratified samples
+    held_out_folds: int = 0      # k >= 2: hold out fold `held_out_fold` of a k-fold partition (by class, or by
+    held_out_fold: int = 0       # group) instead of held_out_ratio; compare --tune sets them (sweep.folds)
     train_eval_size: Optional[int] = None  # evaluate train loss on a fixed subset T' of this size
     spectrogram_on: str = "loader"  # loader: in the loader workers | device: batched in the training step
     frames_on: str = "loader"    # JPEG decode + crop/resize: loader workers | device (nvjpeg, batched in the step)
@@ -46,6 +48,10 @@ class DataFields(LoaderOptions):
         super().validate()
         if not 0.0 <= self.held_out_ratio < 1.0:
             raise SettingError("data.held_out_ratio", f"expected 0 <= ratio < 1, got {self.held_out_ratio}")
+        if self.held_out_folds == 1 or self.held_out_folds < 0:
+            raise SettingError("data.held_out_folds", f"expected 0 (use held_out_ratio) or k >= 2, got {self.held_out_folds}")
+        if self.held_out_folds and not 0 <= self.held_out_fold < self.held_out_folds:
+            raise SettingError("data.held_out_fold", f"expected 0 <= fold < {self.held_out_folds}, got {self.held_out_fold}")
 
 
 @dataclass
@@ -86,6 +92,7 @@ class SweepConfig:
     gpus_per_trial: Optional[float] = None  # 1-worker trials on a GPU: a fraction (0.25) lets 4 share one; unset: 1
     storage_path: Optional[str] = None  # where trials and checkpoints live; s3://... or gs://... on a cluster
     address: Optional[str] = None       # Ray cluster address; unset: $RAY_ADDRESS, else a local Ray
+    folds: int = 1               # compare --tune: score each candidate on k held-out folds (one trial each)
     reuse_actors: bool = True    # 1-worker trials start in the process of a finished one (Tune's reuse_actors):
                                  # no re-import of torch and re-build per trial (measured in the README)
 
@@ -261,14 +268,14 @@ def validate(cfg: ExperimentConfig) -> None:
             raise UserError(f"config key 'model.encoders.{modality}.name': expected one of "
                             f"{', '.join(ENCODERS.names())}, got {enc.name!r}")
     positive = ["workers", "sweep.num_samples", "sweep.grace_period", "sweep.perturbation_interval",
-                "sweep.reduction_factor"]
+                "sweep.reduction_factor", "sweep.folds"]
     for key in positive:
         if flat[key] is not None and flat[key] <= 0:
             raise SettingError(key, f"expected a positive number, got {flat[key]}")
     for options in (cfg.train, cfg.data, cfg.optim):  # each section's own rules (SettingError names the key)
         options.validate()
     # a dataset of the user's own may bring its held-out split; that one is checked once it is built
-    check_held_out(cfg.strategy, cfg.data.held_out_ratio > 0.0 or bool(cfg.data._target_))
+    check_held_out(cfg.strategy, cfg.data.held_out_ratio > 0.0 or cfg.data.held_out_folds > 1 or bool(cfg.data._target_))
     if cfg.sweep.gpus_per_trial is not None and not 0 < cfg.sweep.gpus_per_trial:
         raise SettingError("sweep.gpus_per_trial", f"expected > 0, got {cfg.sweep.gpus_per_trial}")
     if cfg.sweep.cpus_per_worker is not None and cfg.sweep.cpus_per_worker <= 0:
@@ -380,18 +387,27 @@ def keyword_overrides(caller: str, options: dict, strategies: Iterable[str] = ()
     return overrides
 
 
+# The command line's flags in its messages, as a Python caller names them.
+_FLAGS = {"resume with --resume": "resume with resume=FOLDER", "--resume ": "resume=", "--strategies": "strategies",
+          "--seeds": "seeds", "--tune": "tune", "--spaces": "spaces"}
+
+
 def in_python_terms(error: UserError, caller: str, strategies: Iterable[str] = (), sweeps: bool = False) -> UserError:
-    """A SettingError said to a Python caller: `fit(batch_size=...)` instead of "config key
-    'data.batch_size'", and the keys named in its message as keywords too. Other errors pass as they are."""
-    if not isinstance(error, SettingError):
-        return error
+    """An error said to a Python caller: `fit(batch_size=...)` instead of "config key 'data.batch_size'",
+    the config keys and command-line flags its message names as keywords too."""
     keyword = {keys[0]: name for name, keys in python_keywords(strategies, sweeps).items() if len(keys) == 1}
     keyword.update(PYTHON_RENAMED)
 
     def say(key: str) -> str:
         return f"{keyword[key]}=" if key in keyword else key
 
-    message = error.message
-    for key in sorted(keyword, key=len, reverse=True):
+    message = error.message if isinstance(error, SettingError) else str(error)
+    for key in sorted((k for k in keyword if "." in k), key=len, reverse=True):  # a bare word is prose
         message = message.replace(f"{key} ", f"{say(key)} ").replace(f"{key}=", f"{keyword[key]}=")
-    return UserError(f"{caller}({say(error.key).rstrip('=')}=...): {message}")
+    for flag, name in _FLAGS.items():
+        message = message.replace(flag, name)
+    if isinstance(error, SettingError):
+        return UserError(f"{caller}({say(error.key).rstrip('=')}=...): {message}")
+    if message.startswith(f"{caller}(") or message.startswith(f"{caller}:"):
+        return UserError(message)
+    return UserError(f"{caller}(): {message}")

@@ -17,6 +17,9 @@ class OptionError(UserError):
         super().__init__(f"option '{key}': {message}")
         self.key, self.message = key, message
 
+    def __reduce__(self):  # Ray pickles a worker's error to the driver: keep both arguments
+        return type(self), (self.key, self.message)
+
 
 class SettingError(UserError):
     """A run setting cannot work. `key` is its config key (`data.batch_size`): the one name every rule
@@ -26,3 +29,6 @@ class SettingError(UserError):
     def __init__(self, key: str, message: str):
         super().__init__(f"config key '{key}': {message}")
         self.key, self.message = key, message
+
+    def __reduce__(self):
+        return type(self), (self.key, self.message)

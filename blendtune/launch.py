@@ -192,10 +192,23 @@ def train_with_ray(cfg, run_dir: Path, resume: bool, parts=None) -> dict:
     try:
         result = torch_trainer(cfg, loop_config, name="ray_train", storage_path=str(run_dir.resolve()),
                                cpus_per_worker=worker_cpus(cfg, node_cpus)).fit()
+        error = result.error
+    except Exception as e:  # Train V2 raises the workers' failure (WorkerGroupError) from fit()
+        error = e
     finally:
         if started:
             ray.shutdown()
-    if result.error:  # the workers' traceback is in Ray's logs; the user gets its last line
-        last = str(result.error).strip().splitlines()[-1]
-        raise UserError(f"training failed on the Ray Train workers: {last} (Ray Train run in '{run_dir / 'ray_train'}')")
+    if error:  # the workers' traceback is in Ray's logs; the user gets its last line
+        raise UserError(f"training failed on the Ray Train workers: {worker_error_line(error)} (Ray Train run in "
+                        f"'{run_dir / 'ray_train'}')")
     return dict(result.metrics or {})
+
+
+def worker_error_line(error: BaseException) -> str:
+    """The line of a Ray worker's failure a user acts on: a blendtune error's own message, else the last
+    line of the worker's traceback."""
+    text = str(error).strip()
+    for line in reversed(text.splitlines()):
+        if "UserError: " in line or "SettingError: " in line or "OptionError: " in line:
+            return line.split("Error: ", 1)[1]
+    return text.splitlines()[-1] if text else type(error).__name__

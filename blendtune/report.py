@@ -18,8 +18,9 @@ from blendtune import storage
 from blendtune.errors import UserError
 from blendtune.evaluation import PREDICTION, score_name
 from blendtune.loggers import read_metrics
-from blendtune.runs import METRICS_FILE, load_run_config, load_sweep
+from blendtune.runs import METRICS_FILE, load_run_config, load_sweep, load_tuning
 from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, VARIANT, state_files, sweep_storage, trial_overrides
+from blendtune.tuning import CANDIDATE, PHASE, selection_score
 
 
 def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
@@ -67,7 +68,7 @@ def _run_as_trial(run_dir: Path) -> dict:
         raise UserError(f"'{run_dir}' has no finished epoch in {METRICS_FILE}")
     return {"trial": run_dir.name, "label": strategy_label(cfg), "seed": cfg.seed, "strategy": cfg.strategy,
             "epochs_planned": cfg.train.epochs, "history": history,
-            "prediction_head": _prediction_head(cfg, history)}
+            "prediction_head": _prediction_head(cfg, history), "phase": "final", "candidate": None, "settings": {}}
 
 
 def _prediction_head(cfg, history: list[dict]) -> str:
@@ -97,9 +98,13 @@ def _load_trials(run_dir: Path, experiment: str) -> list[dict]:
                 if "epoch" in row:
                     by_epoch[row["epoch"]] = row
         history = [by_epoch[e] for e in sorted(by_epoch)]
+        variant = sample.get(VARIANT) or {}
+        settings = {k: v for k, v in trial_overrides(sample).items() if k not in variant and k != "seed"
+                    and not k.startswith("data.held_out_fold")}
         trials.append({"trial": name, "label": strategy_label(cfg, sample.get(VARIANT)), "seed": cfg.seed,
                        "strategy": cfg.strategy, "epochs_planned": cfg.train.epochs, "history": history,
-                       "prediction_head": _prediction_head(cfg, history)})
+                       "prediction_head": _prediction_head(cfg, history), "phase": sample.get(PHASE, "final"),
+                       "candidate": sample.get(CANDIDATE), "settings": settings})
     if not trials:
         raise UserError(f"no trials in '{experiment}'")
     return trials
@@ -172,20 +177,27 @@ def paired_differences(final_scores: dict[str, dict[int, float]], baseline: str 
 
 
 def write_report(run_dir: Path) -> Path:
-    trials = load_trials(run_dir)
-    score = score_of(trials)
-    heads = heads_of(trials, score)
+    every = load_trials(run_dir)
+    tuning = load_tuning(run_dir)
+    trials = [t for t in every if t["phase"] != "tune"]  # a tuned comparison's seed runs: the table's rows
+    score = score_of(every)
+    heads = heads_of(every, score)
     if not heads:
         raise UserError(f"'{run_dir}': no test metrics to report (its runs had no test data)")
     with (run_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", "strategy", "seed", "epochs"] + [f"final_{score}_{h}" for h in heads]
-                        + [f"best_{score}_{h}" for h in heads])
-        for t in trials:
+                        + [f"best_{score}_{h}" for h in heads] + ["phase"])
+        for t in every:
             h = t["history"]
             final = [h[-1].get(f"{score}/test/{x}", "") if h else "" for x in heads]
             best = [max((r.get(f"{score}/test/{x}", 0.0) for r in h), default="") for x in heads]
-            writer.writerow([t["trial"], t["label"], t["seed"], len(h)] + final + best)
+            writer.writerow([t["trial"], t["label"], t["seed"], len(h)] + final + best + [t["phase"]])
+    tuned_lines = _tuning_section(tuning, every, score) if tuning else []
+    if not trials:  # still tuning: what has been scored so far
+        report = run_dir / "report.md"
+        report.write_text("\n".join([f"# {run_dir.name}", "", *tuned_lines]) + "\n")
+        return report
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for t in trials:
@@ -228,6 +240,7 @@ def write_report(run_dir: Path) -> Path:
                 else f"{100 * d.mean:+.1f}"
             lines.append(f"| {d.label} | {d.seeds} | {f'**{text}**' if d.excludes_zero else text} | "
                          f"{d.wins}/{d.seeds} |")
+    lines += tuned_lines
     plots = _plots(run_dir, groups, heads)
     lines += ["", "Fewer epochs than planned means the scheduler stopped the trial early.", ""]
     lines += [f"![{name}]({name})" for name in plots]
@@ -235,6 +248,43 @@ def write_report(run_dir: Path) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _tuning_section(tuning: dict, trials: list[dict], score: str) -> list[str]:
+    """What each arm's equal tuning budget found: every candidate's held-out selection score, the chosen
+    settings, and the chosen configuration's held-out score against its seed runs' test score (the gap
+    says how far the held-out judge was from the data it never saw)."""
+    folds = tuning["folds"]
+    lines = ["", f"## Tuning: {tuning['trials']} random-search trials per strategy"
+             + (f" x {folds} held-out folds" if folds > 1 else "")
+             + f", selected on held-out data only; the choice then ran on {tuning['seeds']} fresh seeds", "",
+             "Selection metric per strategy in the table; a candidate's score is its last epoch's value"
+             + (" (the mean over its folds)" if folds > 1 else "") + ". Test scores are of the seed runs.", "",
+             "| strategy | metric | chosen settings | selection score | seed runs' test | held-out − test | "
+             "every candidate's score |", "|---|---|---|---|---|---|---|"]
+    for arm in tuning["arms"]:
+        label, metric = arm["label"], arm["metric"]
+        tuned = [t for t in trials if t["phase"] == "tune" and t["label"] == label]
+        per_candidate: dict[int, list] = defaultdict(list)
+        settings: dict[int, dict] = {}
+        for t in tuned:
+            per_candidate[t["candidate"]].append(t["history"][-1].get(metric) if t["history"] else None)
+            settings[t["candidate"]] = t["settings"]
+        scores = {c: selection_score(v) for c, v in per_candidate.items() if len(v) == folds}
+        finals = [t for t in trials if t["phase"] != "tune" and t["label"] == label and t["history"]]
+        if not scores:
+            lines.append(f"| {label} | {metric} | (tuning) | | | | |")
+            continue
+        chosen = max(scores, key=lambda c: (scores[c], -c))
+        head = metric.split("/")[-1]
+        test = [t["history"][-1].get(f"{score}/test/{head}") for t in finals]
+        test = [v for v in test if v is not None]
+        test_text = _mean_ci_text(test) if test else "-"
+        gap = f"{100 * (scores[chosen] - statistics.mean(test)):+.1f}" if test and math.isfinite(scores[chosen]) else "-"
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings[chosen].items())
+        every = ", ".join(f"{100 * v:.1f}" if math.isfinite(v) else "failed" for v in sorted(scores.values(), reverse=True))
+        lines.append(f"| {label} | `{metric}` | {shown} | {100 * scores[chosen]:.1f} | {test_text} | {gap} | {every} |")
+    return lines
 
 
 def _series(ts: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -9,6 +9,7 @@ import secrets
 import time
 from pathlib import Path
 
+from blendtune.build import PYTHON_OBJECTS
 from blendtune.checkpoint import load_checkpoint
 from blendtune.config import ExperimentConfig, check_keys_are_used, flat_keys, load_config, to_yaml
 from blendtune.data import DATASETS, data_root
@@ -21,7 +22,7 @@ from blendtune.worker import CHECKPOINT, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
 __all__ = ["CHECKPOINT", "CONFIG_FILE", "METRICS_FILE", "RESUME_SAFE_KEYS", "create_run_dir", "create_sweep_dir",
-           "load_run_config", "load_sweep", "resume_config", "write_config"]
+           "load_run_config", "load_sweep", "load_tuning", "resume_config", "write_config"]
 
 
 # What `train --resume RUN key=value` may change: how long and where it runs, how it logs. Anything else
@@ -80,11 +81,15 @@ def create_run_dir(cfg: ExperimentConfig, at: Path | None = None) -> Path:
     return run_dir
 
 
-def resume_config(run_dir: Path, overrides=()) -> ExperimentConfig:
+def resume_config(run_dir: Path, overrides=(), from_python: bool = False) -> ExperimentConfig:
     """The config a resume of `run_dir` runs with, after every check that can refuse it: only
-    RESUME_SAFE_KEYS may change, the checkpoint must load, and `train.epochs` must lie beyond it.
-    Nothing is written here; the caller writes config.yaml once this returns."""
+    RESUME_SAFE_KEYS may change, the checkpoint must load, and `train.epochs` must lie beyond it; a run
+    made of Python objects resumes from Python only. Nothing is written here; the caller writes
+    config.yaml once this returns."""
     saved = load_run_config(run_dir)
+    if PYTHON_OBJECTS in (saved.data._target_, saved.model._target_) and not from_python:
+        raise UserError(f"--resume {run_dir}: this run trained on Python objects (a model and data of yours); "
+                        "continue it from Python: blendtune.fit(resume=run_dir, model=..., train=...)")
     cfg = load_run_config(run_dir, overrides)
     before, after = flat_keys(saved), flat_keys(cfg)
     unsafe = sorted(k for k in after if after[k] != before.get(k) and k not in RESUME_SAFE_KEYS)
@@ -107,8 +112,9 @@ def load_run_config(run_dir: Path, overrides=()) -> ExperimentConfig:
 
 
 def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], variants: list[dict] | None,
-                     kind: str = "sweep", source: str = "search space") -> Path:
-    """A new sweep directory, once the sweep has passed every check (`source` names the space's file)."""
+                     kind: str = "sweep", source: str = "search space", tuning: dict | None = None) -> Path:
+    """A new sweep directory, once the sweep has passed every check (`source` names the space's file).
+    `tuning`: a comparison tuned at an equal budget (compare --tune) records its arms here."""
     check_sweep(cfg, space, variants, source)
     check_before_starting(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -123,12 +129,20 @@ def create_sweep_dir(cfg: ExperimentConfig, space: dict[str, Distribution], vari
     write_config(run_dir, cfg)
     (run_dir / SWEEP_FILE).write_text(json.dumps({
         "space": {k: {d.kind: list(d.args)} for k, d in space.items()}, "variants": variants,
-        "storage_path": storage}, indent=1))
+        "storage_path": storage, **({"tuning": tuning} if tuning else {})}, indent=1))
     return run_dir
+
+
+def load_tuning(run_dir: Path) -> dict | None:
+    """What `compare --tune` recorded (trials, seeds, folds, each arm's variant, space and metric), or None."""
+    path = Path(run_dir) / SWEEP_FILE
+    return json.loads(path.read_text()).get("tuning") if path.is_file() else None
 
 
 def load_sweep(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Distribution], list[dict] | None]:
     if not (run_dir / SWEEP_FILE).is_file():
         raise UserError(f"'{run_dir}' is not a blendtune sweep directory (no {SWEEP_FILE})")
     saved = json.loads((run_dir / SWEEP_FILE).read_text())
-    return load_config(run_dir / CONFIG_FILE), parse_space(saved["space"], str(run_dir / SWEEP_FILE)), saved["variants"]
+    # a tuned comparison has no space of its own (its arms' spaces are in "tuning")
+    space = parse_space(saved["space"], str(run_dir / SWEEP_FILE)) if saved["space"] else {}
+    return load_config(run_dir / CONFIG_FILE), space, saved["variants"]

@@ -68,7 +68,7 @@ def model_checksum(model: torch.nn.Module) -> float:
 
 def trial_overrides(sample: dict) -> dict:
     """Tune's sample of the space -> the dotted config keys it sets (a variant sets several)."""
-    sample = dict(sample)
+    sample = {k: v for k, v in sample.items() if not k.startswith("_")}  # bookkeeping (compare --tune's phase)
     return {**sample.pop(VARIANT, {}), **sample}
 
 
@@ -232,6 +232,11 @@ def _release_train_workers_callback():
     return ReleaseTrainWorkers()
 
 
+def _fifo():
+    from ray.tune.schedulers import FIFOScheduler
+    return FIFOScheduler()
+
+
 def _search_and_scheduler(cfg, space: dict[str, Distribution]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
@@ -312,10 +317,12 @@ def sweep_storage(run_dir: Path) -> str:
 
 
 def run_sweep(cfg, space: dict[str, Distribution], run_dir: Path, trial_config: Callable[[dict], Any],
-              variants: list[dict] | None = None, resume: bool = False, parts=None):
+              variants: list[dict] | None = None, resume: bool = False, parts=None, searcher=None,
+              num_samples: int | None = None):
     """Run (or resume) the Tune experiment of `run_dir` (made and validated by blendtune.runs);
     `trial_config(overrides)` builds each trial's config; `parts` are a Python user's own model and data
-    objects (the same ones again when resuming). Returns Tune's ResultGrid."""
+    objects (the same ones again when resuming). `searcher` (with `num_samples`) chooses every trial's
+    config instead of the space (compare --tune: blendtune.tuning). Returns Tune's ResultGrid."""
     import ray
 
     storage = sweep_storage(run_dir)
@@ -324,7 +331,7 @@ def run_sweep(cfg, space: dict[str, Distribution], run_dir: Path, trial_config: 
     started = init_ray(cfg.sweep.address, log_to_driver=False)  # trials log to files, W&B and Tune's table
     try:
         with _environment(TUNE_GLOBAL_CHECKPOINT_S=state_save_seconds(storage)):
-            return _fit(cfg, space, run_dir, trial_config, variants, resume, storage, parts)
+            return _fit(cfg, space, run_dir, trial_config, variants, resume, storage, parts, searcher, num_samples)
     finally:
         if started:
             ray.shutdown()
@@ -350,7 +357,7 @@ def _environment(**values: str):
             os.environ.pop(key, None)
 
 
-def _fit(cfg, space, run_dir, trial_config, variants, resume, storage, parts):
+def _fit(cfg, space, run_dir, trial_config, variants, resume, storage, parts, searcher=None, num_samples=None):
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -360,7 +367,7 @@ def _fit(cfg, space, run_dir, trial_config, variants, resume, storage, parts):
     # Tune's result.json is what reports read; its CSV and TensorBoard copies (off by TUNE_DISABLE_AUTO_
     # CALLBACK_LOGGERS in launch.RAY_ENV) would be uploaded again with every sync of the experiment
     callbacks = [JsonLoggerCallback(), _release_train_workers_callback(), backup]
-    params = param_space(space, variants)
+    params = param_space(space, variants) if searcher is None else {}
     if resume:
         for line in repair_experiment_state(experiment):
             print(f"blendtune: Tune experiment state {line}", flush=True)
@@ -369,13 +376,14 @@ def _fit(cfg, space, run_dir, trial_config, variants, resume, storage, parts):
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=params)
     else:
-        search, scheduler = _search_and_scheduler(cfg, space)
+        search, scheduler = _search_and_scheduler(cfg, space) if searcher is None else (searcher, _fifo())
         s = cfg.sweep
         max_concurrent = s.max_concurrent or _trials_that_fit(cfg)
         tuner = tune.Tuner(
             trainable, param_space=params,
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=search, scheduler=scheduler,
-                                        num_samples=samples_per_point(s), max_concurrent_trials=max_concurrent,
+                                        num_samples=num_samples or samples_per_point(s),
+                                        max_concurrent_trials=max_concurrent,
                                         reuse_actors=cfg.workers == 1 and s.reuse_actors),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
                                       callbacks=callbacks,

@@ -12,11 +12,12 @@ from conftest import REPO, TINY
 LAYERS = [
     ["blendtune", "blendtune.cli", "blendtune.api"],
     ["blendtune.comparisons"],
+    ["blendtune.leaderboard"],
     ["blendtune.report"],
     ["blendtune.runs"],
     ["blendtune.search_space"],
     ["blendtune.config"],
-    ["blendtune.sweeps"],
+    ["blendtune.sweeps", "blendtune.tuning"],
     ["blendtune.launch"],
     ["blendtune.worker"],
     ["blendtune.build", "blendtune.loggers", "blendtune.wandb_files"],

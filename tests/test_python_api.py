@@ -65,6 +65,14 @@ def test_a_fit_with_run_dir_is_a_run_that_resumes_exactly_and_loads_back(data, t
         before == (run / "config.yaml").read_text()
     with pytest.raises(UserError, match="is a run already"):
         blendtune.fit(TwoStreamNet, train, test, run_dir=run, **QUIET)
+    with pytest.raises(UserError, match=r"^fit\(\): resume=.*: strategy cannot change when resuming"):
+        blendtune.fit(TwoStreamNet, train, test, resume=run, epochs=4, config={"strategy": "naive"}, progress=False)
+    # fit trains a copy of a model instance: two fits of one instance each keep their own trained model
+    net = TwoStreamNet()
+    one = blendtune.fit(net, train, test, epochs=1, **QUIET)
+    before = one.predict(x).probabilities
+    blendtune.fit(net, train, test, epochs=2, **QUIET)
+    assert torch.equal(one.predict(x).probabilities, before) and one.model.encoders is not net
 
 
 def test_early_stopping_and_keep_best_watch_held_out_data(data, tmp_path):
@@ -80,6 +88,8 @@ def test_early_stopping_and_keep_best_watch_held_out_data(data, tmp_path):
     again = result.trainer.evaluate(result.model).metrics()["loss/held_out/fused"]
     assert again == pytest.approx(losses[best - 1], rel=1e-5) and again < losses[-1]
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    assert blendtune.load(tmp_path / "run", model=TwoStreamNet).weights_epoch == best
+    assert blendtune.load(tmp_path / "run", model=TwoStreamNet, checkpoint="last").weights_epoch == history[-1]["epoch"]
     assert blendtune.load(tmp_path / "run", model=TwoStreamNet).predict(test).classes.tolist() == \
         result.predict(test).classes.tolist()
     # resumed after the best epoch, the run stops where the uninterrupted one did, with the same best weights
@@ -124,7 +134,7 @@ def pad_audio(items):
 
 def test_variable_length_audio_trains_with_a_padding_collate_and_a_sampler(data):
     train, test = (VariableLengthClips(d) for d in data)
-    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+    with pytest.raises(UserError, match=r"items have inputs of different shapes .* pass collate_fn="):
         blendtune.fit(TwoStreamNet(), train, test, epochs=1, **QUIET)  # torch's default collate cannot batch them
     drawn = []
 
@@ -250,3 +260,29 @@ def test_fit_on_two_ray_train_workers_ships_the_objects_and_returns_the_trained_
     assert result.metrics["acc/test/fused"] > 0.5 and result.metrics["ogm/coeff/video"] < 1.0
     accuracy = (result.predict(test).classes == test.targets).float().mean().item()
     assert accuracy == pytest.approx(result.metrics["acc/test/fused"], abs=1e-6)
+
+
+def test_errors_raised_in_ray_workers_reach_the_driver_whole():
+    """Ray pickles a worker's exception to the driver: blendtune's errors keep their key and message, and the
+    one line the CLI prints is that message, not the last line of Ray's wrapper."""
+    import pickle
+    from blendtune.errors import OptionError, SettingError
+    from blendtune.launch import worker_error_line
+    error = pickle.loads(pickle.dumps(SettingError("data.batch_size", "the global batch 63 must be divisible")))
+    assert (error.key, error.message) == ("data.batch_size", "the global batch 63 must be divisible")
+    assert str(pickle.loads(pickle.dumps(OptionError("p", "expected 0 <= p < 1")))) == "option 'p': expected 0 <= p < 1"
+    wrapped = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+               "  File \"x.py\", line 1, in run\nblendtune.errors.SettingError: config key 'data.batch_size': the "
+               "global batch 63 must be divisible by the 2 workers\n\n[Rank 1 Error Snippet]: ...")
+    assert worker_error_line(RuntimeError(wrapped)) == \
+        "config key 'data.batch_size': the global batch 63 must be divisible by the 2 workers"
+
+
+@pytest.mark.slow
+def test_a_rule_checked_in_the_ray_train_workers_is_one_line_at_the_driver(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "train", "experiments/synthetic_naive.yaml",
+                           "workers=2", "sweep.cpus_per_worker=0.5", "data.batch_size=63", "max_failures=0",
+                           "wandb=false", f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config key 'data.batch_size': the global batch 63 must be divisible by the 2 workers" in proc.stderr

@@ -23,10 +23,23 @@ from conftest import REPO, TINY, assert_wandb_matches_metrics, wandb_history
 SMALL = TINY + ["data.synthetic.num_train=150", "data.synthetic.num_test=60"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_local_ray_for_the_in_process_sweeps():
+    """The sweeps run in this process share one local Ray (started by the first, as `run_sweep` would
+    start it): a Ray start and stop per test is seconds of CI time. Commands run as subprocesses start
+    their own."""
+    yield
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def sweep(tmp_path, overrides, space, variants=None):
+    from blendtune.launch import init_ray
     cfg = load_config(None, SMALL + [f"output_dir={tmp_path}"] + overrides)
     space = parse_space(space, "test")
     run_dir = create_sweep_dir(cfg, space, variants)
+    init_ray(cfg.sweep.address, log_to_driver=False)  # run_sweep leaves a Ray it did not start running
     return run_dir, run_sweep(cfg, space, run_dir, TrialConfig(cfg), variants)
 
 

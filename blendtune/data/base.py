@@ -169,11 +169,15 @@ def data_root(root: str | None) -> Path:
     return path
 
 
-def held_out_indices(targets: np.ndarray, ratio: float, seed: int,
-                     groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held_out) index arrays. Stratified by class, or whole groups when `groups` is given."""
+def held_out_indices(targets: np.ndarray, ratio: float, seed: int, groups: Sequence[str] | None = None,
+                     folds: int = 0, fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held_out) index arrays. Stratified by class, or whole groups when `groups` is given.
+    With `folds` = k >= 2, the held-out part is fold `fold` of a seeded k-fold partition (each class, or
+    the groups, dealt into k folds) instead of a `ratio` share: k trials see k disjoint held-out sets."""
     n = len(targets)
     rng = np.random.default_rng(seed)
+    if folds >= 2:
+        return _fold_indices(targets, seed, groups, folds, fold)
     if ratio <= 0:
         return np.arange(n), np.arange(0)
     if groups is not None:
@@ -202,18 +206,41 @@ def held_out_indices(targets: np.ndarray, ratio: float, seed: int,
     return np.setdiff1d(np.arange(n), held), held
 
 
+def _fold_indices(targets: np.ndarray, seed: int, groups, folds: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    if groups is not None:
+        groups = np.asarray(groups)
+        names = np.unique(groups)
+        if len(names) < folds:
+            raise UserError(f"data.held_out_folds={folds} with data.held_out_by_group: the training set has only "
+                            f"{len(names)} groups; use at most that many folds")
+        rng.shuffle(names)
+        mask = np.isin(groups, names[fold::folds])
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
+    held = []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        rng.shuffle(idx)
+        held.append(np.array_split(idx, folds)[fold])
+    held = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(n), held), held
+
+
 def build_splits(dataset: str, data_args: dict, held_out_ratio: float, held_out_by_group: bool,
                  train_eval_size: int | None, seed: int, skip_bad: bool = False,
-                 spectrogram_on: str = "loader", **loading) -> Splits:
+                 spectrogram_on: str = "loader", folds: int = 0, fold: int = 0, **loading) -> Splits:
     """Build the named dataset and carve the held-out split from its training part (seeded).
     `loading`: frames_on, use_cache (file layouts)."""
     full_train, test = DATASETS.get(dataset)(**data_args).build(skip_bad=skip_bad, spectrogram_on=spectrogram_on,
                                                                 **loading)
-    return make_splits(full_train, test, held_out_ratio, held_out_by_group, train_eval_size, seed, name=dataset)
+    return make_splits(full_train, test, held_out_ratio, held_out_by_group, train_eval_size, seed, name=dataset,
+                       folds=folds, fold=fold)
 
 
 def make_splits(full_train, test, held_out_ratio: float, held_out_by_group: bool = False,
-                train_eval_size: int | None = None, seed: int = 0, held_out=None, name: str = "dataset") -> Splits:
+                train_eval_size: int | None = None, seed: int = 0, held_out=None, name: str = "dataset",
+                folds: int = 0, fold: int = 0) -> Splits:
     """Splits from built datasets (`test` may be None): `held_out` as given, else carved from `full_train` (seeded,
     stratified by class or by whole groups); T' a fixed subset of the training part if asked."""
     if len(full_train) == 0 or (test is not None and len(test) == 0):
@@ -225,7 +252,7 @@ def make_splits(full_train, test, held_out_ratio: float, held_out_by_group: bool
         if held_out_by_group and groups is None:
             raise UserError(f"data.held_out_by_group=true, but {name} has no groups")
         strata = full_train.targets.argmax(1) if full_train.targets.dim() == 2 else full_train.targets
-        train_idx, held_idx = held_out_indices(strata.numpy(), held_out_ratio, seed, groups)
+        train_idx, held_idx = held_out_indices(strata.numpy(), held_out_ratio, seed, groups, folds, fold)
         train = full_train.subset(train_idx)
         held_out = full_train.subset(held_idx) if len(held_idx) else None
     held_out = held_out.for_evaluation() if held_out is not None and len(held_out) else None

@@ -1,0 +1,98 @@
+"""One table of strategies x experiments from several comparisons (`blendtune leaderboard RUN_DIR...`):
+per cell the prediction head's test score, mean ± 95% CI over seeds; per strategy its paired difference
+to naive and to the best single modality of that experiment, its wins, and its average rank across the
+experiments (BalanceBench's table, with intervals). Only seed runs count (a tuned comparison's tuning
+trials chose the settings; they are not scored here).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from blendtune.errors import UserError
+from blendtune.report import load_trials, mean_ci, paired_differences, score_of
+from blendtune.runs import load_run_config, load_tuning
+
+
+def _cells(run_dir: Path) -> tuple[str, dict[str, dict[int, float]], str, bool]:
+    """(experiment name, label -> seed -> final test score of its prediction head, score name, tuned?)."""
+    trials = [t for t in load_trials(run_dir) if t["phase"] != "tune" and t["history"]
+              and len(t["history"]) == t["epochs_planned"]]
+    if not trials:
+        raise UserError(f"'{run_dir}': no finished seed runs to put on a leaderboard")
+    score = score_of(trials)
+    cells: dict[str, dict[int, float]] = {}
+    for t in trials:
+        value = t["history"][-1].get(f"{score}/test/{t['prediction_head']}")
+        if value is not None:
+            cells.setdefault(t["label"], {})[t["seed"]] = value
+    return load_run_config(run_dir).name, cells, score, load_tuning(run_dir) is not None
+
+
+def _text(values: list[float]) -> str:
+    mean, half = mean_ci([100 * v for v in values])
+    return f"{mean:.1f} ± {half:.1f}" if math.isfinite(half) else f"{mean:.1f}"
+
+
+def _difference(d) -> str:
+    if d is None:
+        return "-"
+    text = f"{100 * d.mean:+.1f} ± {100 * d.half_width:.1f}" if math.isfinite(d.half_width) else f"{100 * d.mean:+.1f}"
+    return f"**{text}**" if d.excludes_zero else text
+
+
+def leaderboard(run_dirs: list[Path]) -> str:
+    """The leaderboard's markdown."""
+    if not run_dirs:
+        raise UserError("leaderboard: give at least one comparison folder")
+    experiments = []
+    for run_dir in run_dirs:
+        name, cells, score, tuned = _cells(Path(run_dir))
+        experiments.append({"name": name, "dir": Path(run_dir), "cells": cells, "score": score, "tuned": tuned})
+    names = [e["name"] for e in experiments]
+    if len(set(names)) < len(names):  # the same experiment twice: tell them apart by folder
+        for e in experiments:
+            e["name"] = f"{e['name']} ({e['dir'].name})"
+    labels = sorted({label for e in experiments for label in e["cells"]},
+                    key=lambda l: (l != "naive", l.startswith("unimodal:"), l))
+    ranks: dict[str, list[int]] = {label: [] for label in labels}
+    for e in experiments:
+        means = {label: statistics.mean(seeds.values()) for label, seeds in e["cells"].items()}
+        ordered = sorted(means, key=lambda l: -means[l])
+        for label in means:
+            ranks[label].append(1 + sum(means[o] > means[label] for o in ordered))  # ties share a rank
+        single = [l for l in means if l.startswith("unimodal:")]
+        e["best_single"] = max(single, key=lambda l: means[l]) if single else None
+        e["vs_naive"] = {d.label: d for d in paired_differences(e["cells"], baseline="naive")} \
+            if "naive" in e["cells"] else {}
+        e["vs_single"] = {d.label: d for d in paired_differences(e["cells"], baseline=e["best_single"])} \
+            if e["best_single"] else {}
+
+    what = {"acc": "test accuracy (%)", "map": "test mAP (%)"}
+    scores = {what.get(e["score"], e["score"]) for e in experiments}
+    lines = ["# Leaderboard", "",
+             f"Per experiment: {' / '.join(sorted(scores))} of the prediction head at the last epoch, mean ± the "
+             "half-width of its 95% CI over seeds (seeds in brackets). Rank: 1 = the highest mean in that "
+             "experiment; the average is over the experiments a strategy ran in.", "",
+             "| strategy | " + " | ".join(e["name"] for e in experiments) + " | average rank |",
+             "|---|" + "---|" * (len(experiments) + 1)]
+    for label in labels:
+        cells = [f"{_text(list(e['cells'][label].values()))} ({len(e['cells'][label])})" if label in e["cells"] else "-"
+                 for e in experiments]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(ranks[label]):.2f} |")
+    lines += ["", "Paired differences by seed (points; 95% CI; **bold**: the CI excludes 0) and wins over seeds, "
+              "to naive and to the best single modality of each experiment:", "",
+              "| strategy | experiment | vs naive | wins | vs best single modality | wins |", "|---|---|---|---|---|---|"]
+    for label in labels:
+        for e in experiments:
+            if label not in e["cells"] or label == "naive" and not e["best_single"]:
+                continue
+            n, s = e["vs_naive"].get(label), e["vs_single"].get(label)
+            single = f"{_difference(s)} ({e['best_single']})" if s is not None else "-"
+            lines.append(f"| {label} | {e['name']} | {_difference(n)} | {f'{n.wins}/{n.seeds}' if n else '-'} | "
+                         f"{single} | {f'{s.wins}/{s.seeds}' if s else '-'} |")
+    lines += ["", "Comparisons: " + ", ".join(f"{e['name']}: `{e['dir']}`" + (" (tuned at an equal budget)"
+                                                                              if e["tuned"] else "")
+                                              for e in experiments)]
+    return "\n".join(lines) + "\n"
