@@ -185,6 +185,8 @@ def fit(model: Any, train: Any = None, test: Any = None, held_out: Any = None,
             from blendtune.runs import resume_config, write_config
             run_dir = Path(resume)
             saved = _saved_config(run_dir)
+            from blendtune.runs import lock_run
+            lock = lock_run(run_dir)  # noqa: F841  (released when fit returns)
             if strategy is not None and _strategy_name(strategy) != saved.strategy:
                 raise UserError(f"fit(resume=...): the run trained {saved.strategy}; a resume cannot change the strategy")
             overrides = keyword_overrides(caller, options, [saved.strategy], config=_config_dict(config))
@@ -193,8 +195,9 @@ def fit(model: Any, train: Any = None, test: Any = None, held_out: Any = None,
         else:
             cfg, parts.strategy = _new_config(caller, strategy, fusion, options, config)
             if run_dir is not None:
-                from blendtune.runs import create_run_dir
+                from blendtune.runs import create_run_dir, lock_run
                 run_dir = create_run_dir(cfg, at=Path(run_dir))
+                lock = lock_run(run_dir)  # noqa: F841
         return _train(cfg, parts, Path(run_dir) if run_dir is not None else None, resume is not None,
                       [history.append, *callbacks], history)
     except UserError as e:

@@ -179,11 +179,13 @@ def _summarise(results, cfg) -> None:
 def train_command(args) -> Path:
     from blendtune.config import load_config
     from blendtune.evaluation import score_name
-    from blendtune.runs import create_run_dir, resume_config, write_config
+    from blendtune.runs import create_run_dir, load_run_config, lock_run, resume_config, write_config
 
     overrides = _split_resume(args)
     if args.resume:
         run_dir = Path(args.resume)
+        load_run_config(run_dir)  # a folder that is not a run: that line first
+        lock = lock_run(run_dir)  # noqa: F841  (held until this process exits)
         cfg = resume_config(run_dir, overrides)  # every check first: the run's files stay as they were if one fails
         write_config(run_dir, cfg)
     else:
@@ -191,6 +193,7 @@ def train_command(args) -> Path:
             raise UserError("blendtune train: give an experiment YAML (e.g. experiments/synthetic_gblend.yaml)")
         cfg = load_config(args.experiment, overrides)
         run_dir = create_run_dir(cfg)  # after every check that can refuse the run
+        lock = lock_run(run_dir)  # noqa: F841
     _started(run_dir, "train")
     print(f"run dir: {run_dir}", flush=True)
 

@@ -101,6 +101,19 @@ def wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def wandb_online_without_key() -> bool:
+    """WANDB_MODE=online with no key W&B could use (WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc):
+    every run would stop in wandb.init, a sweep's trials each with a traceback."""
+    if wandb_mode() != "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        with open(os.environ.get("NETRC", netrc)) as f:
+            return "api.wandb.ai" not in f.read()
+    except OSError:
+        return True
+
+
 class WandbLogger:
     """One W&B run; `epoch` is the step. With `wait_until_on_disk` (a sweep trial, whose files are copied to
     storage right after each epoch), each call returns once W&B has written the epoch to the run's file:

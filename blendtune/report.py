@@ -17,6 +17,7 @@ from blendtune.config import ExperimentConfig, with_overrides
 from blendtune import storage
 from blendtune.errors import UserError
 from blendtune.evaluation import PREDICTION, score_name
+from blendtune.strategies import STRATEGIES
 from blendtune.loggers import read_metrics
 from blendtune.runs import METRICS_FILE, load_run_config, load_sweep, load_tuning
 from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, VARIANT, state_files, sweep_storage, trial_overrides
@@ -29,14 +30,16 @@ def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
     if variant is None:
         variant = {"strategy": cfg.strategy, **({"unimodal.modality": cfg.unimodal.modality}
                                                 if cfg.strategy == "unimodal" else {})}
-    parts = [cfg.strategy]
+    name = variant.get("strategy", cfg.strategy)
+    section = STRATEGIES.section(name) if name in STRATEGIES else None
+    parts = [name]
     for key, value in variant.items():
         if key == "strategy":
             continue
         if key == "unimodal.modality":
             parts.append(str(value))
-        else:
-            parts.append(f"{key.removeprefix(cfg.strategy + '.')}={value}")
+        else:  # the strategy's own keys bare (ogm_ge's live in the ogm section), any other key in full
+            parts.append(f"{key.removeprefix((section or name) + '.')}={value}")
     return ":".join(parts)
 
 

@@ -16,13 +16,14 @@ from blendtune.data import DATASETS, data_root
 from blendtune import storage as storage_lib
 from blendtune.errors import SettingError, UserError
 from blendtune.launch import check_gpus
+from blendtune.loggers import wandb_online_without_key
 from blendtune.search_space import check_sweep, parse_space
 from blendtune.sweeps import SWEEP_FILE, Distribution
 from blendtune.worker import CHECKPOINT, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
 __all__ = ["CHECKPOINT", "CONFIG_FILE", "METRICS_FILE", "RESUME_SAFE_KEYS", "create_run_dir", "create_sweep_dir",
-           "load_run_config", "load_sweep", "load_tuning", "resume_config", "write_config"]
+           "load_run_config", "load_sweep", "load_tuning", "lock_run", "resume_config", "write_config"]
 
 
 # What `train --resume RUN key=value` may change: how long and where it runs, how it logs. Anything else
@@ -39,6 +40,31 @@ def _make_dir(run_dir: Path) -> None:
         raise SettingError("output_dir", f"cannot create '{run_dir}': {e.strerror or e}") from None
 
 
+LOCK_FILE = ".lock"
+
+
+def lock_run(run_dir: Path):
+    """Holds `run_dir` for this process while it trains there: a second `train --resume` (or fit) of the
+    same folder is refused in one line instead of interleaving its epochs. An OS lock (flock): a killed
+    process leaves no stale lock behind. Returns the open file; the lock lasts as long as it stays open."""
+    import fcntl
+    path = Path(run_dir) / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"'{run_dir}' is in use: {holder} is training in it; wait for it to finish "
+                        "(or stop it) before resuming") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"blendtune process {os.getpid()}")
+    handle.flush()
+    return handle
+
+
 def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     """config.yaml, replaced atomically: a crash mid-write leaves the previous one."""
     tmp = run_dir / f".{CONFIG_FILE}.tmp"
@@ -51,10 +77,14 @@ def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
 
 def check_before_starting(cfg: ExperimentConfig) -> None:
     """What can refuse a run before a directory is made or Ray starts: a dataset read from files needs
-    its root (the same one line for train, sweep and compare), and the GPUs asked for must exist here."""
+    its root (the same one line for train, sweep and compare), the GPUs asked for must exist here, and
+    W&B asked to stream must have a key."""
     if not cfg.data._target_ and getattr(DATASETS.get(cfg.data.dataset), "reads_files", True):
         data_root(cfg.data.root)
     check_gpus(cfg)
+    if cfg.wandb and wandb_online_without_key():
+        raise UserError("WANDB_MODE=online, but W&B has no API key (WANDB_API_KEY, or `wandb login`): set one, "
+                        "or WANDB_MODE=offline to log to files and `wandb sync` them later, or wandb=false")
 
 
 def create_run_dir(cfg: ExperimentConfig, at: Path | None = None) -> Path:

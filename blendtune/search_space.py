@@ -65,6 +65,10 @@ def validate_space(space: dict[str, Distribution], base: ExperimentConfig | None
             near = sorted(k for k in keys if k.split(".")[-1] == key.split(".")[-1])
             hint = f" (did you mean {', '.join(near)}?)" if near else ""
             raise UserError(f"{source}: '{key}' is not a config key{hint}")
+        if dist.kind in ("uniform", "loguniform") and isinstance(keys[key], (bool, int)):
+            # a continuous draw (4.37) is not a value an integer key can take, whatever its bounds are written as
+            raise UserError(f"{source}: key '{key}' takes whole numbers; {dist.kind} draws fractions: use "
+                            f"{{randint: [{int(dist.args[0])}, {int(dist.args[1]) + 1}]}} or {{choice: [...]}}")
         for value in dist.examples():
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{source}: key '{key}': value {value} is not finite")

@@ -124,3 +124,11 @@ def test_relative_data_roots_reach_ray_trials_as_absolute_paths(tmp_path, monkey
     root = Path(worker_env(local=True)["BLENDTUNE_DATA_ROOT"])
     assert root.is_absolute() and root.resolve() == (tmp_path / "data").resolve()
     assert load_config(None, ["data.root=s3://bucket/data"]).data.root == "s3://bucket/data"
+
+
+def test_a_continuous_distribution_on_an_integer_key_is_refused_with_the_fix():
+    # uniform: [4, 12] looks like whole numbers, but Tune draws 7.31: each trial would fail on its own
+    with pytest.raises(UserError, match=r"key 'train.epochs' takes whole numbers; uniform draws fractions: use "
+                                        r"\{randint: \[4, 13\]\}"):
+        validate_space(parse_space({"train.epochs": {"uniform": [4, 12]}}, "space"))
+    validate_space(parse_space({"train.epochs": {"randint": [4, 13]}, "optim.lr": {"uniform": [0.01, 0.1]}}, "space"))

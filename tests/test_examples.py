@@ -18,7 +18,7 @@ EXAMPLES = {  # script -> (arguments that keep it small, what its output must sh
                                                     r"predicted classes of 5 test clips: \[\d, \d, \d, \d, \d\]"),
     "own_fusion.py": (["--epochs", "2"], r"bilinear fusion \+ OGM-GE: test accuracy fused 0\.\d+; OGM coefficients"),
     "compare_strategies.py": (["--seeds", "2", "--epochs", "1", "--num-train", "160"],
-                              r"\| ogm_ge:ogm.alpha=0.8 \| 2 \| 2 \| 1 \|.*\| unimodal:video \| 2 \|.*8 trials"),
+                              r"\| ogm_ge:alpha=0.8 \| 2 \| 2 \| 1 \|.*\| unimodal:video \| 2 \|.*8 trials"),
     "sweep.py": (["--trials", "2", "--epochs", "1"], r"best held-out accuracy 0\.\d+ with \{.*ogm.alpha"),
 }
 
@@ -27,12 +27,13 @@ def test_every_example_is_tested():
     assert {p.name for p in (REPO / "examples").glob("*.py")} - {"my_av.py"} == set(EXAMPLES)
 
 
-# The two that start a local Ray (~17 s each) run with `make test-slow`; what they do is tested in the default
-# run by tests/test_python_api.py::test_compare_and_sweep_run_on_in_memory_objects.
-RAY = {"compare_strategies.py", "sweep.py"}
+# The default run keeps own_model.py (fit, load, predict, backbone weights); the others run with `make
+# test-slow` (the two that start a local Ray take ~17 s each). What each shows is tested in the default run
+# by tests/test_python_api.py (early stopping, collate and sampler, own fusion, compare and sweep on objects).
+SLOW = {"compare_strategies.py", "sweep.py", "early_stopping.py", "variable_length_audio.py", "own_fusion.py"}
 
 
-@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in RAY else s for s in sorted(EXAMPLES)])
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in sorted(EXAMPLES)])
 def test_example_runs(script):
     args, expected = EXAMPLES[script]
     # the examples write their runs under TMPDIR: a short one, as Ray's socket paths must stay under 108 bytes

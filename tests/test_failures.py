@@ -160,3 +160,37 @@ def test_a_worker_restarted_before_its_first_checkpoint_rewrites_the_metrics_fil
     run(load_config(None, TINY + ["train.epochs=2", "wandb=false", "train.progress=false"]), RunSpec(log_dir=tmp_path))
     epochs = [m["epoch"] for m in read_metrics(tmp_path / "metrics.jsonl")]
     assert epochs == [1, 2] and "acc/test/fused" in read_metrics(tmp_path / "metrics.jsonl")[0]
+
+
+def test_wandb_online_without_a_key_is_one_line_before_anything_is_created(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(WANDB_MODE="online", HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "train", "experiments/synthetic_naive.yaml", *TINY,
+                           "wandb=true", f"output_dir={out}"], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=120)
+    one_line_error(proc, "WANDB_MODE=online, but W&B has no API key", "WANDB_MODE=offline")
+    assert not out.exists()
+
+
+def test_a_run_folder_is_locked_while_a_process_trains_in_it(tmp_path):
+    first = subprocess.Popen([sys.executable, "-m", "blendtune.cli", "train", "experiments/synthetic_naive.yaml", *TINY,
+                              "train.epochs=200", f"output_dir={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        run_dir = Path(first.stdout.readline().split("run dir: ")[1].strip())
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
+            time.sleep(0.1)
+        config = (run_dir / "config.yaml").read_text()
+        second = subprocess.run([sys.executable, "-m", "blendtune.cli", "train", "--resume", str(run_dir),
+                                 "train.epochs=300"], capture_output=True, text=True, cwd=REPO, timeout=120)
+        one_line_error(second, f"'{run_dir}' is in use: blendtune process {first.pid} is training in it")
+        assert (run_dir / "config.yaml").read_text() == config and first.poll() is None  # the first one goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # the killed process left no stale lock: the run resumes
+    resumed = subprocess.run([sys.executable, "-m", "blendtune.cli", "train", "--resume", str(run_dir), "train.epochs=2"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert resumed.returncode in (0, 2) and "is in use" not in resumed.stderr, resumed.stderr[-1500:]

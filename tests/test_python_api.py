@@ -233,7 +233,7 @@ def test_compare_and_sweep_run_on_in_memory_objects(data, tmp_path, ray_session)
     table = blendtune.compare(model=TwoStreamNet, train=train, test=test, strategies=["naive", "ogm_ge:alpha=0.8"],
                               seeds=2, epochs=2, batch_size=32, lr=1e-3, optimizer="adam", wandb=False,
                               output_dir=str(tmp_path))
-    assert "| naive | 2 | 2 | 2 |" in table.report and "| ogm_ge:ogm.alpha=0.8 | 2 | 2 | 2 |" in table.report
+    assert "| naive | 2 | 2 | 2 |" in table.report and "| ogm_ge:alpha=0.8 | 2 | 2 | 2 |" in table.report
     fused = [float(r["final_acc_fused"]) for r in table.rows]
     assert len(fused) == 4 and sum(fused) / 4 > 0.35  # 4 classes: chance is 0.25
     # the same report as the CLI writes, from the folder

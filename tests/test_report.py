@@ -68,6 +68,11 @@ def test_compare_variants_carry_options_and_are_labelled_as_written():
     labels = [strategy_label(with_overrides(base, v), v) for v in variants]
     assert labels == text.split(",")
     assert with_overrides(base, variants[2]).gblend.ema == 0.5
+    # ogm_ge's options live in the ogm section; a label names the variant's strategy even where its options fail
+    (ogm_ge,) = strategy_variants("ogm_ge:alpha=0.8")
+    assert ogm_ge == {"strategy": "ogm_ge", "ogm.alpha": 0.8} and strategy_label(with_overrides(base, ogm_ge), ogm_ge) == \
+        "ogm_ge:alpha=0.8"
+    assert strategy_label(base, {"strategy": "gblend", "gblend.emaa": 0.5}) == "gblend:emaa=0.5"
     for bad, message in (("gblend:ema", "expected KEY=VALUE"), ("unimodal", "unimodal:MODALITY"),
                          ("naive,naive", "given twice"), ("nope:x=1", "unknown strategy"),
                          ("gblend:ema=0.5:ema=0.6", "sets gblend.ema twice"), ("gblend:ema=[1", "--strategies")):
