@@ -81,10 +81,29 @@ def check_before_starting(cfg: ExperimentConfig) -> None:
     W&B asked to stream must have a key."""
     if not cfg.data._target_ and getattr(DATASETS.get(cfg.data.dataset), "reads_files", True):
         data_root(cfg.data.root)
+        check_catalog(cfg)
     check_gpus(cfg)
     if cfg.wandb and wandb_online_without_key():
         raise UserError("WANDB_MODE=online, but W&B has no API key (WANDB_API_KEY, or `wandb login`): set one, "
                         "or WANDB_MODE=offline to log to files and `wandb sync` them later, or wandb=false")
+
+
+def check_catalog(cfg: ExperimentConfig) -> None:
+    """A file layout's list of samples (its CSV or folder names: labels, splits, duplicated or overlapping
+    ids) is read before anything is created; decoding every file is left to the run (`data check` does it)."""
+    from blendtune.build import dataset_options
+    adapter = DATASETS.get(cfg.data.dataset)(root=cfg.data.root, **dataset_options(cfg))
+    catalog = getattr(adapter, "catalog", None)
+    if catalog is None:
+        return
+    try:
+        problems = catalog().problems
+    except NotImplementedError:
+        return
+    if problems and not cfg.data.skip_bad:
+        raise UserError(f"{len(problems)} bad sample(s) in '{adapter.root}' (first: {problems[0]}); `blendtune data "
+                        f"check {cfg.data.dataset} --root {adapter.root}` lists them all, data.skip_bad=true trains "
+                        "without them")
 
 
 def create_run_dir(cfg: ExperimentConfig, at: Path | None = None) -> Path:

@@ -311,3 +311,19 @@ def test_avdigits_skip_bad_drops_an_undecodable_clip(tmp_path, capfd):
     train, test = DATASETS.get("avdigits")(**options).build(skip_bad=True)
     assert len(train) == 8 and len(test) == 4  # 12 good clips; the broken cid clip is gone
     assert "skipping 1 bad clip" in capfd.readouterr().err
+
+
+def test_av_csv_duplicated_ids_and_split_overlap_are_reported_and_refused(tmp_path):
+    root = make_av_csv(tmp_path / "ks")
+    table = root / "data.csv"
+    lines = table.read_text().splitlines()
+    lines += ["clip00,dog,train,v0", "clip01,drum,test,v0"]  # clip00 twice in train; clip01 in train and test
+    table.write_text("\n".join(lines) + "\n")
+    proc = cli("data", "check", "av_csv", "--root", root)
+    assert proc.returncode == 1
+    assert "duplicate id" in proc.stdout and "split overlap" in proc.stdout and "'clip01' is already listed at line 3" \
+        in proc.stdout, proc.stdout
+    out = tmp_path / "runs"
+    proc = cli("train", "experiments/synthetic_naive.yaml", *AV_CSV_TINY, f"data.root={root}", f"output_dir={out}")
+    assert proc.returncode == 2 and "2 bad sample(s)" in proc.stderr and "duplicate id" in proc.stderr, proc.stderr[-1500:]
+    assert not out.exists()  # refused before anything is created

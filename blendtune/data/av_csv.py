@@ -66,6 +66,7 @@ class AVCSV(AudioVisualAdapter):
         separator = p["label_separator"] if p["multilabel"] else None
         declared = list(p["classes"])
         samples, problems = [], []
+        seen: dict[str, tuple[int, str]] = {}
         for line, row in enumerate(rows, start=2):
             where = f"{table}:{line}"
             labels = tuple(x.strip() for x in (row["label"].split(separator) if separator else [row["label"]]) if x.strip())
@@ -78,6 +79,14 @@ class AVCSV(AudioVisualAdapter):
                 problems.append(Problem("bad row", where, f"split {row['split']!r}: expected train or test"))
                 continue
             clip = row["id"].strip()
+            if clip in seen:  # the same clip twice: trained on twice, or (in both splits) tested on what it trained on
+                first_line, first_split = seen[clip]
+                kind = "split overlap" if first_split != row["split"] else "duplicate id"
+                problems.append(Problem(kind, where, f"{clip!r} is already listed at line {first_line} "
+                                                     f"({first_split}); this row ({row['split']}) is dropped only "
+                                                     "with data.skip_bad=true"))
+                continue
+            seen[clip] = (line, row["split"])
             samples.append(self.sample(clip, row["split"], labels, row.get("group") or None))
         classes = declared or sorted({x for s in samples for x in s.labels})
         return Catalog(samples, classes, multilabel=bool(p["multilabel"]), problems=problems)
