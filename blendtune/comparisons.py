@@ -168,8 +168,9 @@ def compare(model: Any = None, train: Any = None, test: Any = None, held_out: An
     parts = _parts(model, train, test, held_out, data, num_classes, collate_fn, fusion)
     if parts is not None and test is None and data is None:
         raise UserError("compare(): give test= (the report compares test scores; selection stays on held-out data)")
-    names = [v["strategy"] for v in strategy_variants(strategies)] if resume is None else []
+    names: list[str] = []
     try:
+        names = [v["strategy"] for v in strategy_variants(strategies)] if resume is None else []
         return comparison(experiment, overrides, strategies, seeds, resume, parts, fusion, options, config,
                           tune=tune, spaces=spaces)
     except UserError as e:
