@@ -89,12 +89,12 @@ def test_asha_with_multi_worker_train_trials_releases_their_workers(tmp_path):
     # Each trial is a 2-worker DDP TorchTrainer. Without freeing a stopped trial's placement group the
     # next trial's workers would wait forever (ray issue 54305); the sweep must finish.
     run_dir, results = sweep(tmp_path, ["workers=2", "sweep.cpus_per_worker=0.5", "train.epochs=3",
-                                        "sweep.num_samples=1", "sweep.grace_period=1", "sweep.reduction_factor=3",
+                                        "sweep.num_samples=1", "sweep.grace_period=1", "sweep.reduction_factor=2",
                                         "sweep.search=grid"],
-                             {"optim.lr": {"grid": [0.5, 1e-4, 2e-4]}})  # a good trial first, then two it beats
+                             {"optim.lr": {"grid": [0.5, 1e-4]}})  # a good trial first, then one it beats
     assert not [r for r in results if r.error]
     trials = load_trials(run_dir)
-    assert len(trials) == 3 and all(t["history"] for t in trials)
+    assert len(trials) == 2 and all(t["history"] for t in trials)
     assert min(len(t["history"]) for t in trials) < 3  # ASHA stopped at least one
     for t in trials:  # rank 0 of each trial's Train run kept its metrics in the trial's folder, every epoch
         epochs = [m["epoch"] for m in read_metrics(run_dir / "tune" / t["trial"] / "metrics.jsonl")]
@@ -154,15 +154,7 @@ def test_compare_writes_table_csv_plots_and_report_rebuilds(tmp_path):
     again = blendtune("report", str(run_dir))
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == str(run_dir)
     assert (run_dir / "report.md").read_text() == report
-    # resuming a finished comparison runs nothing again: no trial lost or duplicated, the same report
-    trials = sorted(p.parent.name for p in (run_dir / "tune").glob("*/params.json"))
-    results = (run_dir / "results.csv").read_text()
-    resumed = blendtune("compare", "--resume", str(run_dir))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert resumed.stdout.strip().splitlines()[-1] == str(run_dir)
-    assert sorted(p.parent.name for p in (run_dir / "tune").glob("*/params.json")) == trials
-    assert all(len(result_rows(d)) == 2 for d in (run_dir / "tune").iterdir() if (d / "params.json").is_file())
-    assert (run_dir / "results.csv").read_text() == results and (run_dir / "report.md").read_text() == report
+    # (resuming a finished comparison runs nothing again: test_cluster.py's compare on S3 checks it)
 
 
 def test_cluster_yaml_passes_rays_validation():
