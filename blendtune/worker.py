@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from blendtune import distributed
 from blendtune.build import UserParts, build_trainer
 from blendtune.loggers import EpochTable, MetricsFile, WandbLogger, close_loggers, flat_dict, read_metrics
 from blendtune.loop import LAST, Trainer
+from blendtune import storage
 from blendtune.storage import TrialFiles
 from blendtune.wandb_files import logged_steps
 
@@ -127,11 +127,5 @@ def write_model_recipe(log_dir: Path, model) -> None:
     """model.json: how to build the run's model again without its data (blendtune.load)."""
     recipe = getattr(model, "recipe", None)
     if recipe is not None:
-        storage_write_json(log_dir / MODEL_FILE, recipe)
+        storage.write_text(str(log_dir / MODEL_FILE), json.dumps(recipe, indent=1))  # replaced atomically
 
-
-def storage_write_json(path: Path, value) -> None:
-    """A small JSON file, replaced atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
