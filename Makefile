@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[video,plots,test]'  # every optional part: the tests use them
 	touch $@
 
 # FFmpeg, for video files: torchcodec loads its shared libraries and the video tests mux clips with its
@@ -30,7 +30,7 @@ ffmpeg:
 	  fi; \
 	fi
 
-.PHONY: demo test test-slow
+.PHONY: demo test test-slow gpu-check
 demo: $(VENV)/.installed
 	$(VENV)/bin/blendtune compare experiments/synthetic_imbalanced_gblend.yaml --strategies naive,gblend,ogm_ge,unimodal:clean --seeds 5
 
@@ -39,3 +39,8 @@ test: $(VENV)/.installed ffmpeg
 
 test-slow: $(VENV)/.installed ffmpeg
 	$(VENV)/bin/python -m pytest -q -rs -m slow
+
+# The whole GPU check (about 8 minutes on one H100): tests on the device, step overhead, loader, sweep
+# packing, Ray Train against no Ray, in one markdown file. `--device cpu` is its dry run (tests/test_gpu_check.py).
+gpu-check: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/gpu_check.py --out gpu-check.md

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# BLENDTUNE_BENCH_RESULTS: where results go instead (gpu_check.py collects a whole check in one folder)
+RESULTS = Path(os.environ.get("BLENDTUNE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> str:

@@ -29,9 +29,13 @@ from blendtune.sweeps import Distribution, run_sweep  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+EXPERIMENT = REPO / "experiments" / "avdigits_naive.yaml"
+DEVICE: list[str] = []  # ["train.device=cuda"] from --device
+
+
 def config(epochs: int, out: str, *extra: str):
-    return load_config(REPO / "experiments" / "avdigits_naive.yaml",
-                       [f"train.epochs={epochs}", "train.progress=false", "wandb=false", f"output_dir={out}", *extra])
+    return load_config(EXPERIMENT, [f"train.epochs={epochs}", "train.progress=false", "wandb=false", f"output_dir={out}",
+                                    *DEVICE, *extra])
 
 
 def plain(cfg, ray_train: bool) -> tuple[float, list[float]]:
@@ -53,10 +57,16 @@ def tune_trial(cfg) -> tuple[float, list[float]]:
 
 
 def main() -> None:
+    global EXPERIMENT
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--experiment", default=str(EXPERIMENT), help="default: AV-digits naive")
+    parser.add_argument("--device", default=None, help="train.device for every variant (cuda: NCCL in Ray Train)")
+    parser.add_argument("--no-tune", action="store_true", help="only no Ray against Ray Train (not the Tune trials)")
     args = parser.parse_args()
+    EXPERIMENT = Path(args.experiment)
+    DEVICE[:] = [f"train.device={args.device}"] if args.device else []
     tmp = tempfile.mkdtemp(prefix="ray-overhead-")
     sweep = ["sweep.search=grid", "sweep.scheduler=none", "sweep.num_samples=1"]
     variants = {
@@ -65,6 +75,8 @@ def main() -> None:
         "Tune trial, 1 CPU": lambda: tune_trial(config(args.epochs, tmp, *sweep)),
         "Tune trial, 2 CPUs": lambda: tune_trial(config(args.epochs, tmp, *sweep, "sweep.cpus_per_worker=2")),
     }
+    if args.no_tune:
+        variants = {k: v for k, v in variants.items() if not k.startswith("Tune")}
     measured: dict[str, list] = {name: [] for name in variants}
 
     def run(name):
@@ -86,7 +98,8 @@ def main() -> None:
         table.append(f"| {name} | {wall:.1f} | {epoch:.2f} | {epoch / base_epoch:.2f}x | {start:.1f} | "
                      f"{start - base_start:+.1f} |")
     write("ray_overhead", {"epochs": args.epochs, "runs": measured}, table,
-          f"AV-digits naive, {args.epochs} epochs, median of {args.repeats} alternated rounds.")
+          f"{EXPERIMENT.stem}, {args.epochs} epochs{', ' + DEVICE[0] if DEVICE else ''}, median of {args.repeats} "
+          "alternated rounds.")
 
 
 if __name__ == "__main__":

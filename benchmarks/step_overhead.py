@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64])
     parser.add_argument("--steps", type=int, default=40, help="steps per timed epoch")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--strategies", nargs="+", default=["naive", "ogm", "ogm_ge", "gblend", "mmpareto", "pmr", "mla"])
+    parser.add_argument("--strategies", nargs="+", default=["naive", "ogm", "ogm_ge", "gblend", "mmpareto", "pmr", "mla", "agm",
+                                                          "ume", "umt"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--baseline", choices=["plain", "best"], default=None,
@@ -125,7 +126,11 @@ def main() -> None:
             if strategy == "gblend":  # gblend needs a held-out set V: more samples, the same training batches
                 BenchTensors.size = size_with_held_out(batch * args.steps, 0.05)
                 extra = ["data.held_out_ratio=0.05"]
+            if strategy == "umt":  # timed in its student phase (the teachers' forward + distillation)
+                extra = ["umt.teacher_epochs=1"]
             trainers[strategy] = build_trainer(load_config(None, [*base, f"strategy={strategy}", *extra]))
+            if strategy == "umt":
+                trainers[strategy].strategy.on_epoch_start(2, trainers[strategy].context)  # switch to the student
             assert len(trainers[strategy].splits.train) == batch * args.steps
         data = trainers[args.strategies[0]].splits.train
         inputs = {m: x.to(device) for m, x in data.inputs.items()}

@@ -195,9 +195,12 @@ def fit(model: Any, train: Any = None, test: Any = None, held_out: Any = None,
         else:
             cfg, parts.strategy = _new_config(caller, strategy, fusion, options, config)
             if run_dir is not None:
-                from blendtune.runs import create_run_dir, lock_run
+                from blendtune.runs import create_run_dir, lock_run, removed_unless_started
+                existed = Path(run_dir).is_dir()
                 run_dir = create_run_dir(cfg, at=Path(run_dir))
                 lock = lock_run(run_dir)  # noqa: F841
+                with removed_unless_started(run_dir, keep_folder=existed):
+                    return _train(cfg, parts, run_dir, False, [history.append, *callbacks], history)
         return _train(cfg, parts, Path(run_dir) if run_dir is not None else None, resume is not None,
                       [history.append, *callbacks], history)
     except UserError as e:

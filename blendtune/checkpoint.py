@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,28 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.flush()
             _fsync(f.fileno())  # on disk before the rename makes it `last.pt`
         os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
-    except BaseException:  # an error (disk full) or Ctrl-C mid-write: no partial file left behind either
+    except BaseException as e:  # an error (disk full) or Ctrl-C mid-write: no partial file left behind either
+        full = disk_full(e, path.parent)  # measured before the partial file frees its space
         tmp.unlink(missing_ok=True)
+        if full:
+            raise UserError(f"no space left on the device writing checkpoint '{path}'"
+                            + (" (the previous one is kept)" if path.is_file() else "")
+                            + "; free some space, then resume the run (blendtune train --resume RUN_DIR)") from None
         raise
     _sync_directory(path.parent)
+
+
+def disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or (torch.save's C++ writer says only
+    `basic_ios::clear` or `failed writing file`) under 1 MiB left where it wrote."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(error, RuntimeError):
+        return False
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _fsync(fd: int) -> None:

@@ -17,6 +17,7 @@ sweep, compare and report print their run directory as the last line of stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -28,14 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blendtune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one model with a balancing strategy")
-    train.add_argument("experiment", nargs="?", help="experiment YAML (see experiments/)")
+    train.add_argument("experiment", nargs="?", help="experiment YAML, or a shipped one's name (see experiments/)")
     train.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. optim.lr=0.01)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
 
     sweep = sub.add_parser("sweep", help="Ray Tune sweep over a search space")
     sweep.add_argument("experiment", nargs="?", help="experiment YAML")
     sweep.add_argument("overrides", nargs="*", help="config overrides, key=value (sweep.num_samples=8, ...)")
-    sweep.add_argument("--space", help="search space YAML (see search_spaces/)")
+    sweep.add_argument("--space", help="search space YAML, or a shipped one's name (see search_spaces/)")
     sweep.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted sweep")
 
     compare = sub.add_parser("compare", help="strategies x seeds as one sweep, then a report")
@@ -179,7 +180,7 @@ def _summarise(results, cfg) -> None:
 def train_command(args) -> Path:
     from blendtune.config import load_config
     from blendtune.evaluation import score_name
-    from blendtune.runs import create_run_dir, load_run_config, lock_run, resume_config, write_config
+    from blendtune.runs import create_run_dir, load_run_config, lock_run, removed_unless_started, resume_config, write_config
 
     overrides = _split_resume(args)
     if args.resume:
@@ -198,7 +199,8 @@ def train_command(args) -> Path:
     print(f"run dir: {run_dir}", flush=True)
 
     from blendtune.launch import train_locally, train_with_ray
-    final = (train_with_ray if cfg.workers > 1 else train_locally)(cfg, run_dir, resume=bool(args.resume))
+    with contextlib.nullcontext() if args.resume else removed_unless_started(run_dir):
+        final = (train_with_ray if cfg.workers > 1 else train_locally)(cfg, run_dir, resume=bool(args.resume))
     score = score_name(final)
     heads = [k.split("/")[-1] for k in final if k.startswith(f"{score}/test/")]
     if heads:

@@ -119,7 +119,9 @@ SPACE_OF = {"ogm_ge": "ogm", "unimodal": "naive"}
 
 
 def default_spaces_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "search_spaces"
+    """The shipped search_spaces/: the checkout's, or the copy an installed wheel carries."""
+    from blendtune.shipped import spaces_dir
+    return spaces_dir()
 
 
 def arm_for(cfg: ExperimentConfig, variant: dict, label: str, spaces: Mapping[str, Any] | None):

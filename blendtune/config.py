@@ -141,9 +141,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
     """Schema <- YAML file <- `key=value` overrides, then validated. Errors name the key and source."""
     cfg = OmegaConf.structured(ExperimentConfig)
     if path is not None:
-        path = Path(path)
+        from blendtune.shipped import experiments_dir, resolve
+        path = resolve(path, experiments_dir())  # a shipped experiment's name (`synthetic_naive`) works too
         if not path.is_file():
-            raise UserError(f"experiment file not found: {path}")
+            raise UserError(f"experiment file not found: {path} (nor a shipped experiment of that name, "
+                            f"in {experiments_dir()})")
         try:
             file_cfg = OmegaConf.load(path)
         except Exception as e:  # yaml errors come in several types

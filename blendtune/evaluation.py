@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 from blendtune import distributed
+from blendtune.errors import UserError
 from blendtune.functional import average_precision, classification_loss, ogr
 from blendtune.models import LateFusionClassifier
 
@@ -97,9 +98,10 @@ class ShardSampler(Sampler):
 @torch.no_grad()
 def evaluate_heads(model: LateFusionClassifier, batches: Iterable[tuple[dict, torch.Tensor]], num_classes: int,
                    multilabel: bool, device: torch.device,
-                   autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, HeadStats]:
+                   autocast: Callable[[], ContextManager] = contextlib.nullcontext, split: str = "data") -> dict[str, HeadStats]:
     """Loss and accuracy / macro-F1 (mAP when multi-label) of every head and the ensemble over `batches`
-    (this rank's shard), summed over ranks."""
+    (this rank's shard), summed over ranks. Outputs that are NaN or inf (NaN in the `split`'s inputs) are
+    a UserError: their argmax would be counted as a prediction of class 0."""
     was_training = model.training
     model.eval()
     heads = model.head_names + [ENSEMBLE]
@@ -107,6 +109,7 @@ def evaluate_heads(model: LateFusionClassifier, batches: Iterable[tuple[dict, to
     loss_sum = torch.zeros(len(heads), device=device, dtype=torch.float64)
     confusion = torch.zeros(len(heads), c * c, device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
+    nonfinite = torch.zeros((), device=device, dtype=torch.float64)
     scores, labels = [], []  # multi-label: every score, for average precision
     for inputs, targets in batches:
         if len(targets) == 0:
@@ -115,6 +118,7 @@ def evaluate_heads(model: LateFusionClassifier, batches: Iterable[tuple[dict, to
             out = model(inputs)
         logits = [out.logits[h].float() for h in model.head_names]
         count += len(targets)
+        nonfinite += (~torch.stack([lg.isfinite().all(dim=1) for lg in logits]).all(dim=0)).sum()
         for i, lg in enumerate(logits):
             loss_sum[i] += classification_loss(lg, targets, reduction="sum")
         if multilabel:
@@ -132,7 +136,11 @@ def evaluate_heads(model: LateFusionClassifier, batches: Iterable[tuple[dict, to
     distributed.all_reduce_sum_(loss_sum)
     distributed.all_reduce_sum_(confusion)
     distributed.all_reduce_sum_(count)
+    distributed.all_reduce_sum_(nonfinite)
     model.train(was_training)
+    if nonfinite > 0:
+        raise UserError(f"{split}: the model's outputs are NaN or inf for {int(nonfinite)} of {int(count)} items: NaN "
+                        "or inf in their inputs? (`blendtune data check` finds them in files; torch.isfinite in tensors)")
     n = count.clamp_min(1)
     if multilabel:
         scores, labels = distributed.gather_cat(scores, dim=1), distributed.gather_cat(labels, dim=0)

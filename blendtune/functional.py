@@ -293,3 +293,118 @@ def owm_projector_update(projector: Tensor, mean_feature: Tensor, alpha: float) 
     k = projector @ r.T
     updated = projector - (k @ k.T) / (alpha + (r @ k).squeeze())
     return updated / torch.linalg.matrix_norm(updated).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+# ---- UME / UMT (Du, Teng, Li, Liu, Yuan, Wang, Yuan, Zhao, ICML 2023) ------------------------------
+ENSEMBLE_RULES = ("logits", "probs")
+
+
+def unimodal_ensemble_logits(logits: Sequence[Tensor], combine: str = "logits") -> Tensor:
+    """UME's prediction from k uni-modal models' logits, as logits: `logits` the mean of the logits
+    (argmax = that of their sum); `probs` log of the mean of the softmax probabilities (fp32), whose
+    cross-entropy is -log mean_m p_m[y]."""
+    if combine == "logits":
+        return sum(logits) / len(logits)
+    if combine == "probs":
+        mean = torch.stack([torch.softmax(lg.float(), dim=1) for lg in logits]).mean(0)
+        return mean.clamp_min(torch.finfo(torch.float32).tiny).log()
+    raise ValueError(f"combine: expected one of {', '.join(ENSEMBLE_RULES)}, got {combine!r}")
+
+
+def feature_distillation_losses(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> Tensor:
+    """UMT's distillation terms, one per modality (mapping order): the mean squared error between the
+    student encoder's features and the frozen uni-modal teacher's, averaged over batch and feature
+    dimensions, in fp32; the teacher side carries no gradient."""
+    return torch.stack([F.mse_loss(student[m].float(), teacher[m].detach().float()) for m in student])
+
+
+def ume_or_umt(ensemble_score: float, fused_score: float) -> str:
+    """The paper's guide for choosing between them: if the uni-modal ensemble scores at least as well as
+    the multi-modal late-fusion model trained jointly, uni-modal features dominate and UME is chosen; if
+    the fused model wins, paired (cross-modal) features matter and UMT is chosen. Scores: higher is
+    better, on held-out data."""
+    return "ume" if ensemble_score >= fused_score else "umt"
+
+
+# ---- AGM (Li et al., ICCV 2023; lihong2303/AGM_ICCV2023) ----------------------------------------
+def shapley_weight(size: int, k: int) -> float:
+    """|S|! (k - |S| - 1)! / k!: the weight of a coalition S (size |S|, without m) in modality m's Shapley value."""
+    return math.factorial(size) * math.factorial(k - size - 1) / math.factorial(k)
+
+
+def shapley_outputs(values: Mapping[int, Tensor], k: int) -> list[Tensor]:
+    """AGM's mono-modal outputs from the outputs v(S) of every non-empty coalition S of k modalities (S a
+    bitmask, bit m set: modality m present, the others zeroed): o_m = phi_m + v(empty)/k, i.e.
+
+        o_m = w_0 v({m}) + sum_{S non-empty, m not in S} w_|S| (v(S + m) - v(S)),   w_s = s! (k-s-1)! / k!
+
+    so that sum_m o_m = v(all) and v(empty) is never needed (the authors' Modality_Audio/Visual:
+    model/CREMAD_net.py 7-17 for k = 2, model/URFunny_net.py 6-31 for k = 3)."""
+    outputs = []
+    for m in range(k):
+        bit = 1 << m
+        o = shapley_weight(0, k) * values[bit]
+        for s in range(1, 1 << k):
+            if not s & bit:
+                o = o + shapley_weight(bin(s).count("1"), k) * (values[s | bit] - values[s])
+        outputs.append(o)
+    return outputs
+
+
+def agm_score_sums(outputs: Sequence[Tensor], targets: Tensor, floor: float = 1e-8) -> Tensor:
+    """Per modality, the batch SUM of -log max(softmax(o_m)[y], floor), in float64 (divide by the global
+    batch size after an all-reduce: the authors' batch mean, run/CREMAD_main.py 130-143). Multi-label
+    (multi-hot targets): the summed per-sample binary cross-entropy."""
+    if targets.is_floating_point():
+        return torch.stack([classification_loss(o.float(), targets, reduction="sum") for o in outputs]).double()
+    log_floor = math.log(floor)
+    return torch.stack([-o.float().log_softmax(1).gather(1, targets.view(-1, 1)).clamp_min(log_floor).sum()
+                        for o in outputs]).double()
+
+
+def agm_ratios(scores: Tensor) -> Tensor:
+    """r_m = exp(k/(k-1) (mean_j s_j - s_m)); two modalities: exp(s_other - s_m) (run/CREMAD_main.py 145-149,
+    run/URFunny_main.py 117-126). r_m > 1: modality m's loss is below the others'."""
+    k = scores.numel()
+    if k < 2:
+        raise ValueError("AGM's ratios need at least two modalities")
+    return torch.exp((scores.mean() - scores) * (k / (k - 1)))
+
+
+def agm_coefficients(scores: Tensor, running_scores: Tensor, alpha: float, gap_cap: float | None = None) -> Tensor:
+    """c_m = exp(alpha * min(r_m(running) - r_m(batch), gap_cap)) (run/CREMAD_main.py 151-152; no cap in
+    AVE/AVMNIST/MOSEI_main.py): a modality ahead of where its running mean puts it (r_m(batch) larger)
+    gets c_m < 1, one behind gets c_m > 1."""
+    gap = agm_ratios(running_scores) - agm_ratios(scores)
+    if gap_cap is not None:
+        gap = gap.clamp_max(gap_cap)
+    return torch.exp(alpha * gap)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None
+
+
+def scale_gradient(x: Tensor, scale: Tensor) -> Tensor:
+    """x in the forward; the gradient reaching x times `scale` (a 0-dim tensor) in the backward (AGM's full
+    backward hooks on Modality_out, model/CREMAD_net.py 42-51)."""
+    return _ScaleGradient.apply(x, scale)
+
+
+def clip_if_any_exceeds_(grads: Sequence[Tensor], watched: Sequence[Tensor], threshold: float) -> Tensor:
+    """When an entry of `watched` leaves [-threshold, threshold], clip the total norm of `grads` to
+    `threshold` as torch's clip_grad_norm_ does (factor min(1, threshold / (norm + 1e-6))); decided on the
+    device, no host sync (AGM's step, run/CREMAD_main.py 233-243). Returns the factor applied."""
+    peak = torch.stack([g.detach().abs().amax() for g in watched]).amax()
+    norm = torch.nn.utils.get_total_norm(grads)
+    factor = torch.where(peak > threshold, (threshold / (norm + 1e-6)).clamp(max=1.0), torch.ones_like(norm))
+    torch._foreach_mul_(list(grads), factor)
+    return factor

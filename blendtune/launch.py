@@ -143,6 +143,10 @@ def worker_env(local: bool) -> dict[str, str]:
     """Environment variables Ray workers get. Ray runs each trial in its own directory, so paths the
     user gave relative to theirs are made absolute (on a local Ray, where both share a file system)."""
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
+    # W&B names the service it started in this process in the environment (WANDB_SERVICE: an earlier fit,
+    # a notebook); workers inheriting it would all log through that one service, where a trial restarted
+    # after its worker was killed finds its run id still "in use". Empty: each worker starts its own.
+    env["WANDB_SERVICE"] = ""
     if local:  # the modules the driver imported (a user's model class, pickled by reference) import there too
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(
             [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), *_user_import_dirs()]))

@@ -33,15 +33,27 @@ class MetricsFile:
             # Replaced at once: a kill during this rewrite leaves the old file, not a truncated one (the
             # next opening overwrites a `.metrics.jsonl.tmp` such a kill leaves).
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            try:
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise self._cannot_write(e) from None
 
     def __call__(self, metrics: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
+        except OSError as e:  # a full disk: one line naming the file (a torn line it may leave is dropped on resume)
+            raise self._cannot_write(e) from None
+
+    def _cannot_write(self, e: OSError):
+        from blendtune.errors import UserError
+        return UserError(f"cannot write '{self.path}': {e.strerror or e}; free some space, then resume the run "
+                         "(blendtune train --resume RUN_DIR)")
 
     @staticmethod
-    def records(path: Path) -> list[tuple[str, dict]]:
+    def records(path: Path, quiet: bool = False) -> list[tuple[str, dict]]:
         """(line, parsed row) of each epoch in a metrics.jsonl. A last line that does not parse is a write
         cut off (a kill, a full disk, a node lost mid-append): dropped, and said once on stderr. A line
         before it that does not parse is damage no blendtune write makes: a UserError naming the line."""
@@ -58,8 +70,9 @@ class MetricsFile:
                     raise ValueError("not an object with an integer 'epoch'")
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 if i == len(lines) - 1:
-                    print(f"blendtune: {path.name}: dropped a torn last line (a write cut off)", file=sys.stderr,
-                          flush=True)
+                    if not quiet:
+                        print(f"blendtune: {path.name}: dropped a torn last line (a write cut off)", file=sys.stderr,
+                              flush=True)
                     break
                 raise UserError(f"'{path}' line {n} is not an epoch's metrics ({str(e).splitlines()[0]}): the file "
                                 "is damaged before its last line; fix or delete that line and retry") from None
@@ -75,10 +88,14 @@ def read_metrics(path: Path) -> list[dict]:
 class EpochTable:
     """epoch | test accuracy (mAP when multi-label) per head | blend weights or OGM coefficients | seconds."""
 
-    def __init__(self, heads: list[str], stream=sys.stdout):
+    def __init__(self, heads: list[str], stream=None):
         self.heads = heads
-        self.stream = stream
+        self._stream = stream  # None: sys.stdout as it is when printing (a notebook's or pytest's may change)
         self.printed_header = False
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout
 
     def __call__(self, metrics: dict) -> None:
         extra = sorted(k for k in metrics if k.startswith(("gblend/w/", "ogm/coeff/")))
@@ -114,6 +131,34 @@ def wandb_online_without_key() -> bool:
         return True
 
 
+def wandb_unreachable(timeout_s: float = 5.0) -> str | None:
+    """WANDB_MODE=online: why W&B's server cannot be reached (a TCP connection to WANDB_BASE_URL, default
+    https://api.wandb.ai, within `timeout_s`), or None. Without this check wandb.init retries for ~90 s and
+    ends in a traceback."""
+    if wandb_mode() != "online":
+        return None
+    import socket
+    from urllib.parse import urlparse
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout_s).close()
+        return None
+    except OSError as e:
+        return f"{url} cannot be reached ({e.strerror or e})"
+
+
+def _start_in_a_second_of_its_own(wandb_dir: Path, run_id: str) -> None:
+    """W&B names a session's folder by its start second and the run id (`offline-run-YYYYmmdd_HHMMSS-<id>`):
+    a resumed session starting within the second the previous one started would reuse that folder and
+    overwrite its history. Wait (under a second) until the current second names no such folder."""
+    import time
+    while any((wandb_dir / f"{kind}-run-{time.strftime('%Y%m%d_%H%M%S', clock(time.time()))}-{run_id}").exists()
+              for kind in ("offline", "run") for clock in (time.localtime, time.gmtime)):
+        time.sleep(0.05)
+
+
 class WandbLogger:
     """One W&B run; `epoch` is the step. With `wait_until_on_disk` (a sweep trial, whose files are copied to
     storage right after each epoch), each call returns once W&B has written the epoch to the run's file:
@@ -126,34 +171,44 @@ class WandbLogger:
         from blendtune.wandb_files import HistoryReader
 
         directory.mkdir(parents=True, exist_ok=True)
+        _start_in_a_second_of_its_own(directory / "wandb", run_id)
         self.run = wandb.init(project=project, entity=entity, group=group, name=name, id=run_id, config=config,
                               dir=str(directory), mode=wandb_mode(), resume="allow", reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
                                                       # on disk within a fraction of a second, not 15 s
                                                       x_transaction_log_flush_interval=0.2))
         writes_file = wandb_mode() != "disabled" and self.run.settings.sync_file  # disabled: no file ever comes
-        self.on_disk = HistoryReader(self.run.settings.sync_file) if wait_until_on_disk and writes_file else None
+        self.sync_file = self.run.settings.sync_file if writes_file else None
+        self.on_disk = HistoryReader(self.sync_file) if wait_until_on_disk and writes_file else None
+        self.last_step: int | None = None
 
     def __call__(self, metrics: dict) -> None:
         step = int(metrics["epoch"])
         # commit: with an explicit step W&B holds the row back until a later step arrives, so a trial
         # stopped by the scheduler (or killed) would lose its last epoch
         self.run.log({k: v for k, v in metrics.items() if k != "epoch"}, step=step, commit=True)
+        self.last_step = step
         if self.on_disk is not None:
-            self._wait_for(step)
+            self._wait_for(step, self.on_disk)
 
-    def _wait_for(self, step: int, timeout: float = 10.0) -> None:
+    @staticmethod
+    def _wait_for(step: int, reader, timeout: float = 10.0) -> None:
         """W&B writes the row from its own process within the flush interval; at most `timeout` s."""
         import time
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(row.get("_step") == step for row in self.on_disk.new_rows()):
+            if any(row.get("_step") == step for row in reader.new_rows()):
                 return
             time.sleep(0.02)
 
     def close(self) -> None:
         self.run.finish()
+        # finish() can return before W&B's own process has written the last rows of an offline run: a run
+        # read (or synced, or copied to storage) right after the run returns would miss its last epochs
+        if self.sync_file and self.last_step is not None and self.on_disk is None:
+            from blendtune.wandb_files import HistoryReader
+            self._wait_for(self.last_step, HistoryReader(self.sync_file))
 
 
 def close_loggers(loggers) -> None:

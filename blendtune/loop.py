@@ -279,12 +279,12 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self, model: LateFusionClassifier) -> Evaluation:
         splits = {"train": self.splits.train_eval, "held_out": self.splits.held_out, "test": self.splits.test}
-        return Evaluation({name: self._evaluate_split(model, ds) for name, ds in splits.items() if ds is not None})
+        return Evaluation({name: self._evaluate_split(model, ds, name) for name, ds in splits.items() if ds is not None})
 
-    def _evaluate_split(self, model: LateFusionClassifier, dataset):
+    def _evaluate_split(self, model: LateFusionClassifier, dataset, split: str):
         batches = (self.feed.to_device(batch) for batch in self.feed.eval_loader(dataset))
         return evaluate_heads(model, batches, self.splits.num_classes, self.splits.multilabel, self.device,
-                              self.autocast)
+                              self.autocast, split)
 
     def _skipped_metrics(self) -> dict[str, float]:
         if not self.feed.options.skip_bad:

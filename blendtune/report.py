@@ -11,6 +11,7 @@ import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 from blendtune.config import ExperimentConfig, with_overrides
@@ -22,6 +23,8 @@ from blendtune.loggers import read_metrics
 from blendtune.runs import METRICS_FILE, load_run_config, load_sweep, load_tuning
 from blendtune.sweeps import EXPERIMENT, SWEEP_FILE, VARIANT, state_files, sweep_storage, trial_overrides
 from blendtune.tuning import CANDIDATE, PHASE, selection_score
+
+PLOTS_MISSING = "matplotlib is not installed (an optional part): pip install 'blendtune[plots]'"
 
 
 def strategy_label(cfg: ExperimentConfig, variant: dict | None = None) -> str:
@@ -246,7 +249,7 @@ def write_report(run_dir: Path) -> Path:
     lines += tuned_lines
     plots = _plots(run_dir, groups, heads)
     lines += ["", "Fewer epochs than planned means the scheduler stopped the trial early.", ""]
-    lines += [f"![{name}]({name})" for name in plots]
+    lines += [f"![{name}]({name})" for name in plots] if plots is not None else [f"No plots: {PLOTS_MISSING}."]
     lines += ["", "Per-trial numbers: [results.csv](results.csv)."]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -300,8 +303,13 @@ def _series(ts: list[dict], key: str) -> tuple[list[int], list[float]]:
     return epochs, [statistics.mean(by_epoch[e]) for e in epochs]
 
 
-def _plots(run_dir: Path, groups: dict[str, list[dict]], heads: list[str]) -> list[str]:
-    import matplotlib
+def _plots(run_dir: Path, groups: dict[str, list[dict]], heads: list[str]) -> list[str] | None:
+    """The figures written, or None without matplotlib."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:  # an optional part: the tables are the report
+        print(f"blendtune: {run_dir / 'report.md'} has no plots: {PLOTS_MISSING}", file=sys.stderr, flush=True)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -3,9 +3,11 @@ a sweep needs to resume (its config, search space and storage path). Nothing is 
 config it records has been validated."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -16,14 +18,15 @@ from blendtune.data import DATASETS, data_root
 from blendtune import storage as storage_lib
 from blendtune.errors import SettingError, UserError
 from blendtune.launch import check_gpus
-from blendtune.loggers import wandb_online_without_key
+from blendtune.loggers import MetricsFile, wandb_online_without_key, wandb_unreachable
 from blendtune.search_space import check_sweep, parse_space
 from blendtune.sweeps import SWEEP_FILE, Distribution
 from blendtune.worker import CHECKPOINT, METRICS_FILE
 
 CONFIG_FILE = "config.yaml"
 __all__ = ["CHECKPOINT", "CONFIG_FILE", "METRICS_FILE", "RESUME_SAFE_KEYS", "create_run_dir", "create_sweep_dir",
-           "load_run_config", "load_sweep", "load_tuning", "lock_run", "resume_config", "write_config"]
+           "load_run_config", "load_sweep", "load_tuning", "lock_run", "removed_unless_started", "resume_config",
+           "write_config"]
 
 
 # What `train --resume RUN key=value` may change: how long and where it runs, how it logs. Anything else
@@ -71,7 +74,8 @@ def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     try:
         tmp.write_text(to_yaml(cfg))
         os.replace(tmp, run_dir / CONFIG_FILE)
-    except OSError as e:
+    except OSError as e:  # e.g. "No space left on device": the previous config.yaml stays, no partial file
+        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write '{run_dir / CONFIG_FILE}': {e.strerror or e}") from None
 
 
@@ -86,24 +90,18 @@ def check_before_starting(cfg: ExperimentConfig) -> None:
     if cfg.wandb and wandb_online_without_key():
         raise UserError("WANDB_MODE=online, but W&B has no API key (WANDB_API_KEY, or `wandb login`): set one, "
                         "or WANDB_MODE=offline to log to files and `wandb sync` them later, or wandb=false")
+    unreachable = wandb_unreachable() if cfg.wandb else None
+    if unreachable:
+        raise UserError(f"WANDB_MODE=online, but W&B at {unreachable}: check the network (or WANDB_BASE_URL), or "
+                        "set WANDB_MODE=offline to log to files and `wandb sync` them later, or wandb=false")
 
 
 def check_catalog(cfg: ExperimentConfig) -> None:
-    """A file layout's list of samples (its CSV or folder names: labels, splits, duplicated or overlapping
-    ids) is read before anything is created; decoding every file is left to the run (`data check` does it)."""
+    """A file layout's cheap checks (`DatasetAdapter.preflight`: its CSV or folder names, labels, splits,
+    duplicated or overlapping ids, each file's header; a features folder's arrays) before anything is
+    created; decoding every file is left to the run (`data check` does it)."""
     from blendtune.build import dataset_options
-    adapter = DATASETS.get(cfg.data.dataset)(root=cfg.data.root, **dataset_options(cfg))
-    catalog = getattr(adapter, "catalog", None)
-    if catalog is None:
-        return
-    try:
-        problems = catalog().problems
-    except NotImplementedError:
-        return
-    if problems and not cfg.data.skip_bad:
-        raise UserError(f"{len(problems)} bad sample(s) in '{adapter.root}' (first: {problems[0]}); `blendtune data "
-                        f"check {cfg.data.dataset} --root {adapter.root}` lists them all, data.skip_bad=true trains "
-                        "without them")
+    DATASETS.get(cfg.data.dataset)(root=cfg.data.root, **dataset_options(cfg)).preflight(cfg.data.skip_bad)
 
 
 def create_run_dir(cfg: ExperimentConfig, at: Path | None = None) -> Path:
@@ -130,6 +128,22 @@ def create_run_dir(cfg: ExperimentConfig, at: Path | None = None) -> Path:
     return run_dir
 
 
+@contextlib.contextmanager
+def removed_unless_started(run_dir: Path, keep_folder: bool = False):
+    """Around the first start of a run in the folder `create_run_dir` just made: if it fails before its
+    first epoch is recorded (the data or model refused while building, a NaN on the first batches), what
+    it wrote goes again (the folder too, unless `keep_folder`: the user's own empty one), so a failed
+    start leaves nothing behind and the same command can simply be rerun."""
+    try:
+        yield
+    except Exception:
+        run_dir = Path(run_dir)
+        if not (run_dir / METRICS_FILE).exists() and not (run_dir / CHECKPOINT).exists():
+            for path in run_dir.iterdir() if keep_folder else [run_dir]:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
 def resume_config(run_dir: Path, overrides=(), from_python: bool = False) -> ExperimentConfig:
     """The config a resume of `run_dir` runs with, after every check that can refuse it: only
     RESUME_SAFE_KEYS may change, the checkpoint must load, and `train.epochs` must lie beyond it; a run
@@ -146,6 +160,8 @@ def resume_config(run_dir: Path, overrides=(), from_python: bool = False) -> Exp
         raise UserError(f"--resume {run_dir}: {', '.join(unsafe)} cannot change when resuming (a resume may change "
                         f"only {', '.join(RESUME_SAFE_KEYS)}); start a new run for a different experiment")
     epoch = int(load_checkpoint(Path(run_dir) / CHECKPOINT)["epoch"])
+    if (Path(run_dir) / METRICS_FILE).is_file():  # damage before its last line refuses the resume: before config.yaml changes
+        MetricsFile.records(Path(run_dir) / METRICS_FILE, quiet=True)
     if cfg.train.epochs <= epoch:
         raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {epoch}, so train.epochs={cfg.train.epochs} "
                         f"leaves nothing to train; give train.epochs={epoch + 1} or more to extend it")

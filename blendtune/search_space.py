@@ -46,9 +46,10 @@ def parse_space(raw: Any, source: str) -> dict[str, Distribution]:
 
 
 def load_search_space(path: str | Path) -> dict[str, Distribution]:
-    path = Path(path)
+    from blendtune.shipped import resolve, spaces_dir
+    path = resolve(path, spaces_dir())  # a shipped space's name (`ogm`) works too
     if not path.is_file():
-        raise UserError(f"search space file not found: {path}")
+        raise UserError(f"search space file not found: {path} (nor a shipped space of that name, in {spaces_dir()})")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

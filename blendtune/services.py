@@ -51,6 +51,12 @@ class StrategyServices:
             feed.set_epoch(sampler, trainer.epoch * 1000 + e)
             trainer.train_steps(train_model, loader, optimizer, scaler, strategy, trainer.epoch + 1 + e, main=False)
 
+    def reset_optimizer(self) -> None:
+        """Forget the run's optimizer state (momentum, Adam's moments and step counts), keeping its
+        hyper-parameters and learning rate: a model restarted from its initial weights (UMT's student)
+        starts like a new training."""
+        self._trainer.optimizer.state.clear()
+
     @torch.no_grad()
     def features(self, model: LateFusionClassifier, indices) -> Iterator[tuple[dict, torch.Tensor]]:
         """(fp32 features per modality, targets) of this rank's shard of the training samples `indices`,

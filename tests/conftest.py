@@ -14,6 +14,62 @@ os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+class CliRun:
+    """What `blendtune ...` gave: its exit code and what it printed (the fields of subprocess's result)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+    def __repr__(self):
+        return f"CliRun(returncode={self.returncode}, stderr={self.stderr[-2000:]!r})"
+
+
+def _open_run_locks() -> set[str] | None:
+    """The run-folder lock files (blendtune.runs.LOCK_FILE) this process has open; None where /proc cannot say."""
+    from blendtune.runs import LOCK_FILE
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    targets = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            targets.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return {t for t in targets if t.endswith(f"/{LOCK_FILE}")}
+
+
+def cli_in_process(capture, *args, env: dict | None = None, cwd=REPO) -> CliRun:
+    """`blendtune ARGS` in this process through `blendtune.cli.main`, as `python -m blendtune.cli` would run it
+    from `cwd` with `env` added to the environment (a value of None removes the variable), without paying a
+    Python + torch start per call. `capture` is pytest's `capsys`, or `capfd` where DataLoader worker processes
+    or C code print too (a subprocess's pipes saw both). Environment, working directory and the CLI's record of
+    the run in progress are put back afterwards: the next call starts as a fresh process would."""
+    from blendtune import cli
+    capture.readouterr()  # only this command's output
+    locks = _open_run_locks()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        for key, value in (env or {}).items():
+            if value is None:
+                mp.delenv(key, raising=False)
+            else:
+                mp.setenv(key, str(value))
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors exit as the process would
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            cli._RUNNING.clear()
+            # a run folder's lock is an open file, closed when the last reference goes (the process's exit, in
+            # a subprocess): were one still open, reference cycles would hold it, and a resume meet "is in use"
+            now = _open_run_locks()
+            if now is None or now - locks:
+                import gc
+                gc.collect()
+    out = capture.readouterr()
+    return CliRun(code, out.out, out.err)
+
+
 def has_shared_data() -> bool:
     root = Path(os.environ["BLENDTUNE_DATA_ROOT"])
     return (root / "fsdd" / "recordings").is_dir() and (root / "mnist" / "mnist5k.npz").is_file()
@@ -25,6 +81,9 @@ needs_data = pytest.mark.skipif(not has_shared_data(), reason="shared FSDD/MNIST
 TINY = ["data.dataset=synthetic", "data.synthetic.num_train=200", "data.synthetic.num_test=100",
         "data.held_out_ratio=0.2", "data.batch_size=32", "train.epochs=2", "train.progress=false",
         "data.synthetic.modalities.memorizable.memorize_dims=64", "wandb=false"]
+# BLENDTUNE_TEST_DEVICE=cuda (benchmarks/gpu_check.py): every test built on TINY trains on that device
+if os.environ.get("BLENDTUNE_TEST_DEVICE"):
+    TINY = TINY + [f"train.device={os.environ['BLENDTUNE_TEST_DEVICE']}"]
 
 
 def make_tiny_avdigits(root, broken: str | None = None):

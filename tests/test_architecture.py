@@ -27,7 +27,7 @@ LAYERS = [
     ["blendtune.strategies"],
     ["blendtune.models", "blendtune.data", "blendtune.optim"],
     ["blendtune.functional", "blendtune.distributed", "blendtune.devices", "blendtune.registry", "blendtune.errors",
-     "blendtune.storage"],
+     "blendtune.storage", "blendtune.shipped"],
 ]
 
 

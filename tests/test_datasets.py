@@ -2,8 +2,6 @@
 bad files in training."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,16 +12,19 @@ from blendtune.data import DATASETS, build_splits
 from blendtune.data.audio import LogSpectrogram
 from blendtune.errors import UserError
 from blendtune.build import build_trainer
-from conftest import AV_CSV_TINY, CREMA_TINY, REPO, make_av_csv, make_crema_d, make_features, write_frames
+from conftest import (AV_CSV_TINY, CREMA_TINY, REPO, cli_in_process, make_av_csv, make_crema_d, make_features,
+                      write_frames)
 
 
 def trainer(overrides, tmp_path=None):
     return build_trainer(load_config(None, overrides), run_dir=tmp_path)
 
 
-def cli(*args, env_root=None):
-    return subprocess.run([sys.executable, "-m", "blendtune.cli", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def cli(capfd):
+    """`blendtune ARGS` in this process (cli.main), as `python -m blendtune.cli` from the repository would run
+    (capfd: what loader worker processes print too)."""
+    return lambda *args: cli_in_process(capfd, *args)
 
 
 def test_crema_d_layout_trains_one_epoch_with_loader_workers(tmp_path):
@@ -224,7 +225,7 @@ def break_crema_d(root):
     return {"missing file", "undecodable WAV", "undecodable JPEG", "empty frame folder", "unknown label"}
 
 
-def test_data_check_lists_every_kind_of_bad_file_and_exits_nonzero(tmp_path):
+def test_data_check_lists_every_kind_of_bad_file_and_exits_nonzero(tmp_path, cli):
     root = make_crema_d(tmp_path / "crema")
     clean = cli("data", "check", "crema_d", "--root", root)
     assert clean.returncode == 0, clean.stderr
@@ -239,7 +240,7 @@ def test_data_check_lists_every_kind_of_bad_file_and_exits_nonzero(tmp_path):
         assert name in proc.stdout
 
 
-def test_data_check_other_layouts(tmp_path):
+def test_data_check_other_layouts(tmp_path, cli):
     root = make_av_csv(tmp_path / "ks")
     (root / "audio" / "clip03.wav").write_bytes(b"junk")
     proc = cli("data", "check", "av_csv", "--root", root)
@@ -254,7 +255,7 @@ def test_data_check_other_layouts(tmp_path):
     assert proc.returncode == 1 and "1_cid_3.wav" in proc.stdout and "undecodable WAV" in proc.stdout
 
 
-def test_training_fails_fast_naming_the_first_bad_file(tmp_path):
+def test_training_fails_fast_naming_the_first_bad_file(tmp_path, cli):
     root = make_crema_d(tmp_path / "crema")
     (root / "AudioWAV" / "1002_T1_ANG_XX.wav").unlink()
     proc = cli("train", REPO / "experiments" / "crema_d_naive.yaml", *CREMA_TINY, f"data.root={root}",
@@ -262,9 +263,10 @@ def test_training_fails_fast_naming_the_first_bad_file(tmp_path):
     assert proc.returncode == 2
     assert "1002_T1_ANG_XX.wav" in proc.stderr and "data.skip_bad=true" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
-def test_undecodable_frame_found_in_a_loader_worker_is_named(tmp_path):
+def test_undecodable_frame_found_in_a_loader_worker_is_named(tmp_path, cli):
     root = make_crema_d(tmp_path / "crema")
     (root / "Image-01-FPS" / "1001_T0_DIS_XX" / "000.jpg").write_bytes(b"\xff\xd8 broken")
     (root / "Image-01-FPS" / "1001_T0_DIS_XX" / "001.jpg").write_bytes(b"\xff\xd8 broken")
@@ -275,7 +277,7 @@ def test_undecodable_frame_found_in_a_loader_worker_is_named(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_skip_bad_trains_without_them_and_logs_how_many(tmp_path):
+def test_skip_bad_trains_without_them_and_logs_how_many(tmp_path, cli):
     root = make_crema_d(tmp_path / "crema")
     (root / "AudioWAV" / "1002_T1_ANG_XX.wav").unlink()                          # found before training
     for i in range(2):                                                            # found while decoding
@@ -313,7 +315,7 @@ def test_avdigits_skip_bad_drops_an_undecodable_clip(tmp_path, capfd):
     assert "skipping 1 bad clip" in capfd.readouterr().err
 
 
-def test_av_csv_duplicated_ids_and_split_overlap_are_reported_and_refused(tmp_path):
+def test_av_csv_duplicated_ids_and_split_overlap_are_reported_and_refused(tmp_path, cli):
     root = make_av_csv(tmp_path / "ks")
     table = root / "data.csv"
     lines = table.read_text().splitlines()

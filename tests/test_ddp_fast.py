@@ -19,7 +19,7 @@ def test_two_ranks_stay_bit_identical_under_ogm_ge(tmp_path):
     assert r0["history"][-1]["ogm/coeff/clean"] == r1["history"][-1]["ogm/coeff/clean"] < 1.0
 
 
-@pytest.mark.parametrize("strategy", ["mmpareto", "pmr", "mla"])
+@pytest.mark.parametrize("strategy", ["mmpareto", "pmr", "mla", "agm"])
 def test_two_ranks_stay_bit_identical_under_the_newer_strategies(strategy, tmp_path):
     # MMPareto and MLA sync gradients themselves (several backward passes / steps per forward: DDP's
     # reducer is bypassed); PMR all-reduces its prototypes' sums and its batch scores.
@@ -57,4 +57,22 @@ def test_two_ranks_agree_on_batchnorm_statistics(strategy, tmp_path, monkeypatch
     assert running  # the spec-CNN encoders have BatchNorm
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
+    assert r0["history"][-1]["acc/test/fused"] == r1["history"][-1]["acc/test/fused"]
+
+
+def test_two_ranks_stay_bit_identical_under_ume_and_umt(tmp_path):
+    # UMT: teachers in epoch 1 (uni-modal losses; the unused fusion makes DDP look for parameters without
+    # gradients), then the student restarts from the initial weights and distils from the frozen teachers,
+    # whose copies must agree on both ranks. (UME is UMT's teacher phase plus the ensemble prediction.)
+    r0, r1 = run_ddp(tmp_path, TINY + ["strategy=umt", "umt.teacher_epochs=1", "train.epochs=2",
+                                       "data.synthetic.num_train=96", "data.synthetic.num_test=32", "data.batch_size=16"],
+                     deadline_s=120)
+    assert r0["history"][-1]["step"] == r1["history"][-1]["step"] >= 6
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    assert r0["strategy"]["phase"] == r1["strategy"]["phase"] == "student"
+    for name, p in r0["strategy"]["teacher"].items():
+        assert torch.equal(p, r1["strategy"]["teacher"][name]), name
+    metrics = {k: v for k, v in r0["history"][-1].items() if k.startswith("umt/")}
+    assert metrics and metrics == {k: v for k, v in r1["history"][-1].items() if k.startswith("umt/")}
     assert r0["history"][-1]["acc/test/fused"] == r1["history"][-1]["acc/test/fused"]

@@ -53,3 +53,13 @@ def test_gblend_paper_estimate_trains_its_copies_with_ddp_and_ranks_agree(tmp_pa
     assert r0["strategy"]["weights"] == r1["strategy"]["weights"]
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
+
+
+def test_ume_replicas_stay_bit_identical(tmp_path):
+    # UME's fused output is the uni-modal heads' ensemble: the fusion never runs, so DDP (looking for unused
+    # parameters) must skip it every step. (UMT's teacher phase, the same loss, is in test_ddp_fast.py.)
+    r0, r1 = run_ddp(tmp_path, TINY + ["strategy=ume", "train.epochs=1", "data.synthetic.num_train=96",
+                                       "data.synthetic.num_test=32", "data.batch_size=16"], deadline_s=120)
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    assert r0["history"][-1]["acc/test/fused"] == r1["history"][-1]["acc/test/fused"]

@@ -1,15 +1,13 @@
 """`blendtune data download fsdd` against a local HTTP server: success, a corrupted member, truncated downloads."""
 import http.server
 import io
-import subprocess
-import sys
 import tarfile
 import threading
 
 import pytest
 
 from blendtune.data.download import FSDD_COMMIT, read_manifest
-from conftest import REPO, SHARED_DATA, needs_data
+from conftest import SHARED_DATA, cli_in_process, needs_data
 
 pytestmark = needs_data
 TOP = f"free-spoken-digit-dataset-{FSDD_COMMIT}"
@@ -64,9 +62,10 @@ def server():
     httpd.shutdown()
 
 
-def download(root, url):
-    return subprocess.run([sys.executable, "-m", "blendtune.cli", "data", "download", "fsdd", "--root", str(root),
-                           "--url", url], cwd=REPO, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def download(capsys):
+    """`blendtune data download fsdd --root ROOT --url URL`, in this process (cli.main)."""
+    return lambda root, url: cli_in_process(capsys, "data", "download", "fsdd", "--root", root, "--url", url)
 
 
 def test_manifest_covers_the_shared_copy():
@@ -74,7 +73,7 @@ def test_manifest_covers_the_shared_copy():
     assert len(manifest) == 3000 and all(name.startswith("recordings/") for name in manifest)
 
 
-def test_download_unpacks_and_verifies(server, tmp_path):
+def test_download_unpacks_and_verifies(server, tmp_path, download):
     proc = download(tmp_path, f"{server}/good.tar.gz")
     assert proc.returncode == 0, proc.stderr
     assert "verified 3000 files" in proc.stdout
@@ -90,7 +89,7 @@ def test_download_unpacks_and_verifies(server, tmp_path):
     ("truncated.tar.gz", "damaged or truncated"),
     ("cut.tar.gz", "download of"),
 ])
-def test_a_bad_download_leaves_nothing_behind(server, tmp_path, name, message):
+def test_a_bad_download_leaves_nothing_behind(server, tmp_path, name, message, download):
     proc = download(tmp_path, f"{server}/{name}")
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []

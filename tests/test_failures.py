@@ -8,17 +8,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 import torch
 
 from blendtune.config import load_config
 from blendtune.loggers import read_metrics
-from conftest import CREMA_TINY, REPO, TINY, make_crema_d
+from conftest import CREMA_TINY, REPO, TINY, cli_in_process, make_crema_d
 
 
-def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "blendtune.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+@pytest.fixture
+def cli(capfd):
+    """`blendtune ARGS` in this process (cli.main), as `python -m blendtune.cli` from the repository would run;
+    the Ctrl-C and lock tests below start processes of their own."""
+    return lambda *args, env=None: cli_in_process(capfd, *args, env=env)
 
 
 def one_line_error(proc, *expected):
@@ -28,7 +31,7 @@ def one_line_error(proc, *expected):
         assert text in proc.stderr, (text, proc.stderr)
 
 
-def finished_run(tmp_path, *extra):
+def finished_run(cli, tmp_path, *extra):
     proc = cli("train", "experiments/synthetic_gblend.yaml", *TINY, "train.epochs=3", "gblend.warmup=0",
                "gblend.super_epoch=1", f"output_dir={tmp_path}", *extra)
     assert proc.returncode == 0, proc.stderr
@@ -45,8 +48,8 @@ class _Payload:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-def test_resume_refusals_change_nothing_and_safe_keys_resume(tmp_path):
-    run_dir, files = finished_run(tmp_path)
+def test_resume_refusals_change_nothing_and_safe_keys_resume(tmp_path, cli):
+    run_dir, files = finished_run(cli, tmp_path)
     # fewer epochs than the checkpoint, or none left to train
     one_line_error(cli("train", "--resume", run_dir, "train.epochs=2"), "checkpoint is at epoch 3",
                    "train.epochs=4 or more")
@@ -70,14 +73,14 @@ def test_resume_refusals_change_nothing_and_safe_keys_resume(tmp_path):
     assert untouched(run_dir, files)
 
 
-def test_divergence_before_any_checkpoint_does_not_name_one(tmp_path):
+def test_divergence_before_any_checkpoint_does_not_name_one(tmp_path, cli):
     proc = cli("train", "experiments/synthetic_naive.yaml", *TINY, "optim.lr=1e30", "optim.momentum=0.0",
                f"output_dir={tmp_path}")
     one_line_error(proc, "loss became", "in epoch 1", "no checkpoint was written before it")
     assert "checkpoints'" not in proc.stderr
 
 
-def test_sweep_config_errors_come_before_ray_and_create_nothing(tmp_path):
+def test_sweep_config_errors_come_before_ray_and_create_nothing(tmp_path, cli):
     out = tmp_path / "runs"
     one_line_error(cli("sweep", "experiments/synthetic_naive.yaml", "--space", "search_spaces/balancing_knobs.yaml",
                        *TINY, "train.epochs=1", f"output_dir={out}"),
@@ -89,7 +92,7 @@ def test_sweep_config_errors_come_before_ray_and_create_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_a_missing_data_root_is_the_same_line_for_train_sweep_and_compare(tmp_path):
+def test_a_missing_data_root_is_the_same_line_for_train_sweep_and_compare(tmp_path, cli):
     out = tmp_path / "runs"
     missing = tmp_path / "nowhere"
     env = {"BLENDTUNE_DATA_ROOT": str(missing)}
@@ -105,14 +108,14 @@ def test_a_missing_data_root_is_the_same_line_for_train_sweep_and_compare(tmp_pa
     assert len(set(lines)) == 1 and not out.exists()
 
 
-def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path):
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, cli):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     one_line_error(cli("train", "experiments/synthetic_naive.yaml", *TINY, f"output_dir={blocker}/runs"),
                    "config key 'output_dir': cannot create", str(blocker))
 
 
-def test_short_clips_are_flagged_by_data_check_and_counted_in_training(tmp_path):
+def test_short_clips_are_flagged_by_data_check_and_counted_in_training(tmp_path, cli):
     root = make_crema_d(tmp_path / "crema", per_class=1)
     short = root / "AudioWAV" / "1001_T0_NEU_XX.wav"
     soundfile.write(short, np.zeros(78, dtype=np.float32), 8000)  # a valid header, 10 ms
@@ -162,18 +165,16 @@ def test_a_worker_restarted_before_its_first_checkpoint_rewrites_the_metrics_fil
     assert epochs == [1, 2] and "acc/test/fused" in read_metrics(tmp_path / "metrics.jsonl")[0]
 
 
-def test_wandb_online_without_a_key_is_one_line_before_anything_is_created(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(WANDB_MODE="online", HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
+def test_wandb_online_without_a_key_is_one_line_before_anything_is_created(tmp_path, cli):
+    env = dict(WANDB_API_KEY=None, WANDB_MODE="online", HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"))
     out = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "train", "experiments/synthetic_naive.yaml", *TINY,
-                           "wandb=true", f"output_dir={out}"], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=120)
+    proc = cli("train", "experiments/synthetic_naive.yaml", *TINY, "wandb=true", f"output_dir={out}", env=env)
     one_line_error(proc, "WANDB_MODE=online, but W&B has no API key", "WANDB_MODE=offline")
     assert not out.exists()
 
 
-def test_a_run_folder_is_locked_while_a_process_trains_in_it(tmp_path):
+def test_a_run_folder_is_locked_while_a_process_trains_in_it(tmp_path, cli):
+    # the lock is held by a process of its own (killed below); the resumes that meet it run in this one
     first = subprocess.Popen([sys.executable, "-m", "blendtune.cli", "train", "experiments/synthetic_naive.yaml", *TINY,
                               "train.epochs=200", f"output_dir={tmp_path}"], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -183,14 +184,12 @@ def test_a_run_folder_is_locked_while_a_process_trains_in_it(tmp_path):
         while time.time() < deadline and not (run_dir / "checkpoints" / "last.pt").is_file():
             time.sleep(0.1)
         config = (run_dir / "config.yaml").read_text()
-        second = subprocess.run([sys.executable, "-m", "blendtune.cli", "train", "--resume", str(run_dir),
-                                 "train.epochs=300"], capture_output=True, text=True, cwd=REPO, timeout=120)
+        second = cli("train", "--resume", run_dir, "train.epochs=300")
         one_line_error(second, f"'{run_dir}' is in use: blendtune process {first.pid} is training in it")
         assert (run_dir / "config.yaml").read_text() == config and first.poll() is None  # the first one goes on
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     # the killed process left no stale lock: the run resumes
-    resumed = subprocess.run([sys.executable, "-m", "blendtune.cli", "train", "--resume", str(run_dir), "train.epochs=2"],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    resumed = cli("train", "--resume", run_dir, "train.epochs=2")
     assert resumed.returncode in (0, 2) and "is in use" not in resumed.stderr, resumed.stderr[-1500:]

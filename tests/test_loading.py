@@ -1,7 +1,4 @@
 """Frames decoded on the device, and the prepared cache every trial reuses (CREMA-D layout, tiny trees)."""
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -10,7 +7,7 @@ import torch
 from blendtune.config import load_config
 from blendtune.data import DATASETS
 from blendtune.build import build_trainer, dataset_options
-from conftest import CREMA_TINY, REPO, make_crema_d, write_frames
+from conftest import CREMA_TINY, cli_in_process, make_crema_d, write_frames
 
 
 def _adapter(root, *overrides):
@@ -109,11 +106,10 @@ def test_a_stale_cache_is_rebuilt_and_a_partial_one_never_read(tmp_path, capsys)
     assert adapter.build()[0].cache is None
 
 
-def test_data_prepare_command(tmp_path):
+def test_data_prepare_command(tmp_path, capfd):
     root = make_crema_d(tmp_path / "crema", per_class=1)
-    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "data", "prepare", "experiments/crema_d_naive.yaml",
-                           "--root", str(root), "data.crema_d.image_size=32"], capture_output=True, text=True,
-                          cwd=REPO, env=dict(os.environ), timeout=300)
+    proc = cli_in_process(capfd, "data", "prepare", "experiments/crema_d_naive.yaml", "--root", root,
+                          "data.crema_d.image_size=32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "prepared 18 clips, 36 frames (37x37)" in proc.stdout
     assert (root / ".blendtune-cache").is_dir() and proc.stdout.strip().splitlines()[-1].startswith(str(root))

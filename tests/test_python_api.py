@@ -11,7 +11,7 @@ from torch import nn
 import blendtune
 from blendtune.errors import UserError
 from blendtune.loggers import read_metrics
-from conftest import REPO, assert_wandb_matches_metrics, wandb_history
+from conftest import REPO, assert_wandb_matches_metrics, cli_in_process, wandb_history
 
 sys.path.insert(0, str(REPO / "examples"))
 from my_av import ClipDataset, TwoStreamNet, make_data  # noqa: E402
@@ -24,7 +24,7 @@ def data():
     return make_data(num_train=240, num_test=120)
 
 
-def test_a_fit_with_run_dir_is_a_run_that_resumes_exactly_and_loads_back(data, tmp_path):
+def test_a_fit_with_run_dir_is_a_run_that_resumes_exactly_and_loads_back(data, tmp_path, capsys):
     train, test = data
     straight = blendtune.fit(TwoStreamNet, train, test, strategy="ogm_ge", epochs=3, alpha=0.8, run_dir=tmp_path / "straight",
                              **QUIET)
@@ -53,12 +53,11 @@ def test_a_fit_with_run_dir_is_a_run_that_resumes_exactly_and_loads_back(data, t
     assert predictions.head == "fused" and accuracy == pytest.approx(resumed.metrics["acc/test/fused"], abs=1e-6)
     assert predictions.probabilities.shape == (len(test), 4)
     # `blendtune report` reads a single run's folder too
-    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "report", str(run)], capture_output=True, text=True)
+    proc = cli_in_process(capsys, "report", run)
     assert proc.returncode == 0 and "| ogm_ge | 1 | 1 | 3 |" in proc.stdout, proc.stderr[-1500:]
     # the CLI cannot rebuild Python objects: it says where to resume instead, and changes nothing
     before = (run / "config.yaml").read_text()
-    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "train", "--resume", str(run), "train.epochs=4"],
-                          capture_output=True, text=True)
+    proc = cli_in_process(capsys, "train", "--resume", run, "train.epochs=4")
     assert proc.returncode == 2 and "blendtune.fit(resume=run_dir" in proc.stderr and "Traceback" not in proc.stderr
     assert len(read_metrics(run / "metrics.jsonl")) == 3
     assert before.replace("epochs: 3", "epochs: 4") == (run / "config.yaml").read_text() or \
@@ -134,7 +133,7 @@ def pad_audio(items):
 
 def test_variable_length_audio_trains_with_a_padding_collate_and_a_sampler(data):
     train, test = (VariableLengthClips(d) for d in data)
-    with pytest.raises(UserError, match=r"items have inputs of different shapes .* pass collate_fn="):
+    with pytest.raises(UserError, match=r"train\[1\]: inputs of shape .* pass collate_fn="):
         blendtune.fit(TwoStreamNet(), train, test, epochs=1, **QUIET)  # torch's default collate cannot batch them
     drawn = []
 

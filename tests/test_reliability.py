@@ -229,6 +229,7 @@ def test_resume_after_a_torn_last_metrics_line_drops_it_and_goes_on(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert f"'{metrics}' line 2 is not an epoch's metrics" in proc.stderr
+    assert load_config(run_dir / "config.yaml").train.epochs == 3  # refused before config.yaml was rewritten
 
 
 def test_metrics_file_drops_only_a_torn_last_line_and_says_so_once(tmp_path, capsys):
@@ -287,7 +288,7 @@ def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch)
             out.write(b"PK\x03\x04 partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match=f"no space left on the device writing checkpoint '{path}' .the previous one is kept"):
         save_checkpoint(path, {"epoch": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     monkeypatch.undo()

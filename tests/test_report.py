@@ -80,16 +80,12 @@ def test_compare_variants_carry_options_and_are_labelled_as_written():
             strategy_variants(bad)
 
 
-def test_compare_refuses_variants_that_would_share_a_row_before_starting_ray(tmp_path):
-    import subprocess
-    import sys
-    from conftest import REPO
-    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", "experiments/synthetic_gblend.yaml",
-                           "--strategies", "gblend:super_epoch=1,gblend:super_epoch='1'",
-                           f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO)
+def test_compare_refuses_variants_that_would_share_a_row_before_starting_ray(tmp_path, capfd):
+    from conftest import cli_in_process
+    proc = cli_in_process(capfd, "compare", "experiments/synthetic_gblend.yaml",
+                          "--strategies", "gblend:super_epoch=1,gblend:super_epoch='1'", f"output_dir={tmp_path}")
     assert proc.returncode == 2 and "would be one row" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", "experiments/synthetic_gblend.yaml",
-                           "--strategies", "naive,gblend:nope=1", f"output_dir={tmp_path}"], capture_output=True,
-                          text=True, cwd=REPO)
+    proc = cli_in_process(capfd, "compare", "experiments/synthetic_gblend.yaml",
+                          "--strategies", "naive,gblend:nope=1", f"output_dir={tmp_path}")
     assert proc.returncode == 2 and "--strategies: gblend:nope=1: 'gblend.nope' is not a config key" in proc.stderr
     assert not any(tmp_path.iterdir())

@@ -21,9 +21,15 @@ SETTINGS = {
     "mmpareto": [],
     "pmr": ["pmr.mu=0.01", "pmr.entropy_epochs=2", "pmr.momentum=0.5"],
     "mla": [],
+    "agm": ["agm.modulation_end=2"],  # epoch 3 unmodulated: the resume crosses the window's end
+    "ume": [],
+    "umt": ["umt.teacher_epochs=1"],  # teachers in epoch 1, the student in 2-3: the resume restores the teachers
 }
 # Fusions a strategy can run with (default: every one)
 FUSIONS_OF = {"mla": ["shared"]}
+# UME predicts with the uni-modal heads' ensemble (the fusion is unused); UMT's one-epoch runs are its teacher
+# phase (uni-modal losses): its student under bf16 / fp16 is tested in tests/test_ume_umt.py
+FUSIONS_OF.update({"ume": ["concat"], "umt": ["concat"]})
 VARIANTS = [(s, []) for s in SETTINGS] + [("gblend", ["gblend.estimator=paper", "gblend.super_epoch=1"]),
                                            ("gblend", ["gblend.mode=offline", "gblend.estimator=paper"]),
                                            # mixed precision resumes exactly too (fp16: the grad scaler's state)
@@ -34,7 +40,10 @@ VARIANTS = [(s, []) for s in SETTINGS] + [("gblend", ["gblend.estimator=paper", 
                                            ("gblend", ["gblend.ema=0.5", "gblend.floor=0.05", "gblend.patience=1",
                                                        "gblend.super_epoch=1"]),
                                            ("mmpareto", ["train.amp=fp16"]), ("pmr", ["pmr.rule=paper"]),
-                                           ("mla", ["train.amp=fp16"]), ("mla", ["mla.projection=none"])]
+                                           ("mla", ["train.amp=fp16"]), ("mla", ["mla.projection=none"]),
+                                           # UMT: the checkpoint falls in the teacher phase (the initial weights
+                                           # the student restarts from are in it)
+                                           ("umt", ["umt.teacher_epochs=2"])]
 
 
 def test_settings_table_covers_every_registered_strategy():

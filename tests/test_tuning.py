@@ -12,7 +12,7 @@ from blendtune.data.base import held_out_indices
 from blendtune.report import load_trials
 from blendtune.runs import load_tuning
 from blendtune.tuning import FINAL_SEED_OFFSET, TUNE_SEED, selection_score
-from conftest import REPO, TINY
+from conftest import REPO, TINY, cli_in_process
 
 
 def test_held_out_folds_partition_the_training_data():
@@ -26,7 +26,7 @@ def test_held_out_folds_partition_the_training_data():
         assert len({groups[i] for i in held_out}) == 2 and not {groups[i] for i in held_out} & {groups[i] for i in train}
 
 
-def test_tuned_compare_selects_on_held_out_folds_and_runs_the_choice_on_fresh_seeds(tmp_path):
+def test_tuned_compare_selects_on_held_out_folds_and_runs_the_choice_on_fresh_seeds(tmp_path, capsys):
     spaces = tmp_path / "spaces"  # ranges where 2 epochs learn something, so candidates differ
     spaces.mkdir()
     (spaces / "naive.yaml").write_text("optim.lr: {loguniform: [1.0e-3, 0.3]}\n")
@@ -63,8 +63,7 @@ def test_tuned_compare_selects_on_held_out_folds_and_runs_the_choice_on_fresh_se
     # the table's rows are the seed runs only, tuning trials are listed in their own section
     assert "| naive | 2 | 2 | 1 |" in report and "## Tuning: 2 random-search trials per strategy x 2 held-out folds" in report
     # a leaderboard of it (twice: two experiments with the same numbers), against the report's own numbers
-    board = subprocess.run([sys.executable, "-m", "blendtune.cli", "leaderboard", str(run_dir), str(run_dir), "--out",
-                            str(tmp_path / "board.md")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    board = cli_in_process(capsys, "leaderboard", run_dir, run_dir, "--out", tmp_path / "board.md")  # no Ray
     assert board.returncode == 0, board.stderr[-2000:]
     assert (tmp_path / "board.md").read_text() == board.stdout.rstrip("\n") + "\n"
     naive_cell = next(line for line in report.splitlines() if line.startswith("| naive | 2 |")).split(" | ")[4]
@@ -78,13 +77,12 @@ def test_tuned_compare_selects_on_held_out_folds_and_runs_the_choice_on_fresh_se
                for line in board.stdout.splitlines())
 
 
-def test_tune_refuses_a_strategy_without_a_space_before_starting_ray(tmp_path):
+def test_tune_refuses_a_strategy_without_a_space_before_starting_ray(tmp_path, capsys):
     spaces = tmp_path / "spaces"
     spaces.mkdir()
     (spaces / "naive.yaml").write_text("# blendtune sweep\noptim.lr: {loguniform: [1.0e-3, 1.0e-1]}\n")
-    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "compare", "experiments/synthetic_naive.yaml",
-                           "--strategies", "naive,gblend", "--tune", "2", "--spaces", str(spaces), *TINY,
-                           f"output_dir={tmp_path / 'runs'}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = cli_in_process(capsys, "compare", "experiments/synthetic_naive.yaml", "--strategies", "naive,gblend",
+                          "--tune", "2", "--spaces", spaces, *TINY, f"output_dir={tmp_path / 'runs'}")
     assert proc.returncode == 2 and "--tune: no search space for gblend" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
 

@@ -238,12 +238,9 @@ def test_av_csv_reads_frames_and_audio_from_video_files(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.fit()["loss/objective"]))
 
 
-def test_data_check_names_undecodable_videos(tmp_path):
-    import subprocess
-    import sys
-    from conftest import REPO
+def test_data_check_names_undecodable_videos(tmp_path, capfd):
+    from conftest import cli_in_process
     root = _video_tree(tmp_path / "ks")
     (root / "video" / "clip4.mp4").write_bytes(b"not a video at all")
-    proc = subprocess.run([sys.executable, "-m", "blendtune.cli", "data", "check", "av_csv", "--root", str(root)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = cli_in_process(capfd, "data", "check", "av_csv", "--root", root)
     assert proc.returncode == 1 and "undecodable video" in proc.stdout and "clip4.mp4" in proc.stdout

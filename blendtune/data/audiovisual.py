@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from blendtune.data.audio import MIN_CLIP_S, LogSpectrogram, fit_to_window, read_clip
-from blendtune.data.base import DatasetAdapter, DataCheck, Problem, data_root
+from blendtune.data.base import DatasetAdapter, DataCheck, Problem, class_coverage, data_root
 from blendtune.data.clip_cache import ClipCache, build_cache, cache_dir, fresh_cache
 from blendtune.data.frames import pick_frames
 from blendtune.data.video import read_video_audio, read_video_frames, video_problem
@@ -347,19 +347,38 @@ class AudioVisualAdapter(DatasetAdapter):
     def catalog(self) -> Catalog:
         raise NotImplementedError
 
-    def good_samples(self, skip_bad: bool) -> tuple[Catalog, list[Sample]]:
+    def good_samples(self, skip_bad: bool, quiet: bool = False) -> tuple[Catalog, list[Sample]]:
+        """The catalog and its samples whose files pass the cheap scan (headers, folder listings); bad ones
+        refuse the run, or with skip_bad are left out (said once, unless `quiet`). The kept samples' classes
+        must cover the test split (`class_coverage`), whatever skip_bad says."""
         catalog = self.catalog()
         found = scan(catalog.samples, decode=False)
-        warn_short_clips([p for p in found if p is not None and p.kind == SHORT_CLIP])
+        if not quiet:
+            warn_short_clips([p for p in found if p is not None and p.kind == SHORT_CLIP])
         found = [None if p is not None and p.kind == SHORT_CLIP else p for p in found]
         problems = catalog.problems + [p for p in found if p is not None]
-        if problems:
-            summary = (f"{len(problems)} bad sample(s) in '{self.root}' (first: {problems[0]}); "
-                       f"`blendtune data check {self.name} --root {self.root}` lists them all")
-            if not skip_bad:
-                raise UserError(f"{summary}, data.skip_bad=true trains without them")
+        good = [s for s, p in zip(catalog.samples, found) if p is None]
+        summary = (f"{len(problems)} bad sample(s) in '{self.root}' (first: {problems[0]}); "
+                   f"`blendtune data check {self.name} --root {self.root}` lists them all") if problems else ""
+        if problems and not skip_bad:
+            raise UserError(f"{summary}, data.skip_bad=true trains without them")
+        coverage, _ = class_coverage(self.class_counts(good), catalog.classes, str(self.root), catalog.multilabel)
+        if coverage:
+            raise UserError(f"'{self.root}': {coverage[0]}; `blendtune data check {self.name} --root {self.root}` "
+                            "shows the class counts")
+        if problems and not quiet:
             print(f"blendtune: skipping {summary}", file=sys.stderr, flush=True)
-        return catalog, [s for s, p in zip(catalog.samples, found) if p is None]
+        return catalog, good
+
+    @staticmethod
+    def class_counts(samples: list[Sample]) -> dict[str, Counter]:
+        counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
+        for s in samples:
+            counts[s.split].update(s.labels)
+        return counts
+
+    def preflight(self, skip_bad: bool = False) -> None:
+        self.good_samples(skip_bad, quiet=True)
 
     def build(self, skip_bad: bool = False, spectrogram_on: str = "loader", frames_on: str = "loader",
               use_cache: bool = True):
@@ -384,8 +403,7 @@ class AudioVisualAdapter(DatasetAdapter):
 
     def check(self) -> DataCheck:
         catalog = self.catalog()
-        counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
-        for s in catalog.samples:
-            counts[s.split].update(s.labels)
+        counts = self.class_counts(catalog.samples)
         problems = catalog.problems + [p for p in scan(catalog.samples, decode=True) if p is not None]
-        return DataCheck(self.name, str(self.root), catalog.classes, counts, problems)
+        coverage, notes = class_coverage(counts, catalog.classes, str(self.root), catalog.multilabel)
+        return DataCheck(self.name, str(self.root), catalog.classes, counts, problems + coverage, notes)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -36,6 +36,7 @@ class DataCheck:
     classes: list[str]
     counts: dict[str, Counter]     # split -> class -> samples listed
     problems: list[Problem]
+    notes: list[str] = field(default_factory=list)  # worth knowing, not refused (a class only in train)
 
     def format(self) -> str:
         lines = [f"{self.dataset} at {self.root}: {len(self.classes)} classes"]
@@ -48,7 +49,35 @@ class DataCheck:
         lines.append(f"problems: {len(self.problems)}" + (" (" + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")"
                                                            if kinds else ""))
         lines += [f"  {p}" for p in self.problems]
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def class_coverage(counts: dict[str, Counter], classes: Sequence[str], where: str,
+                   multilabel: bool = False) -> tuple[list[Problem], list[str]]:
+    """What the splits' class counts say about the classes: a class with test samples but none to train on
+    (the model can never learn it: a problem, refused), fewer than two classes to train on (a problem), a
+    class with training samples but none in test, or none at all (notes). Multi-label data (rare tags are
+    usual there) gets notes only."""
+    train, test = counts.get("train", Counter()), counts.get("test", Counter())
+    problems, notes = [], []
+    only_test = [c for c in classes if test[c] and not train[c]]
+    if only_test:
+        problems.append(Problem("class only in test", where, f"class(es) {', '.join(map(str, only_test))}: "
+                                f"{sum(test[c] for c in only_test)} test samples, none in train"))
+    trained = [c for c in classes if train[c]]
+    if 0 < len(trained) < 2:
+        problems.append(Problem("one class", where, f"train has only class {trained[0]}: nothing to tell apart"))
+    only_train = [c for c in classes if train[c] and not test[c]] if sum(test.values()) else []
+    if only_train:
+        notes.append(f"class(es) {', '.join(map(str, only_train))} have training samples but none in test "
+                     "(their test accuracy is not measured)")
+    unused = [c for c in classes if not train[c] and not test[c]]
+    if unused:
+        notes.append(f"class(es) {', '.join(map(str, unused))} have no samples in any split")
+    if multilabel:
+        return [], [f"{p.kind}: {p.detail}" for p in problems] + notes
+    return problems, notes
 
 
 class DatasetAdapter:
@@ -70,6 +99,10 @@ class DatasetAdapter:
     def check(self) -> DataCheck:
         """Walk every file; nothing is trained."""
         raise NotImplementedError
+
+    def preflight(self, skip_bad: bool = False) -> None:
+        """The cheap checks that can refuse a run before its folder is made or Ray starts (a file list,
+        headers, labels), raising UserError; decoding every file is `check()`'s job. Default: none."""
 
 
 class MultimodalDataset(Dataset):
@@ -238,6 +271,25 @@ def build_splits(dataset: str, data_args: dict, held_out_ratio: float, held_out_
                        folds=folds, fold=fold)
 
 
+def check_classes_are_trained(train, others: dict) -> None:
+    """Single-label data: at least two classes to train on, and no test or held-out item of a class that
+    no training item has (the model could never learn it; its accuracy would only measure the others)."""
+    if train.targets.dim() != 1:
+        return
+    trained = torch.bincount(train.targets, minlength=train.num_classes) > 0
+    if int(trained.sum()) < 2:
+        raise UserError(f"train: every item is class {int(train.targets[0])}; a classifier needs two classes or more")
+    for split, data in others.items():
+        if data is None or data.targets.dim() != 1 or not len(data):
+            continue
+        unseen = (data.targets >= len(trained)) | ~trained[data.targets.clamp(max=len(trained) - 1)]
+        if bool(unseen.any()):
+            i = int(unseen.nonzero()[0])
+            c = int(data.targets[i])
+            raise UserError(f"{split}[{i}]: class {c}, which no training item has ({int(unseen.sum())} {split} items "
+                            "are of classes the model never trains on); train on every class you test")
+
+
 def make_splits(full_train, test, held_out_ratio: float, held_out_by_group: bool = False,
                 train_eval_size: int | None = None, seed: int = 0, held_out=None, name: str = "dataset",
                 folds: int = 0, fold: int = 0) -> Splits:
@@ -245,6 +297,7 @@ def make_splits(full_train, test, held_out_ratio: float, held_out_by_group: bool
     stratified by class or by whole groups); T' a fixed subset of the training part if asked."""
     if len(full_train) == 0 or (test is not None and len(test) == 0):
         raise UserError(f"{name}: the {'training' if len(full_train) == 0 else 'test'} split is empty")
+    check_classes_are_trained(full_train, {"test": test, "held_out": held_out})
     if held_out is not None:
         train = full_train
     else:

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,12 +82,44 @@ def _decode_frame(path: Path, size: int) -> torch.Tensor:
     return TF.resize(image, [size, size], antialias=True)
 
 
+ORPHAN_AGE_S = 24 * 3600  # a build on another host (a shared file system) whose process we cannot ask
+
+
+def remove_orphaned_builds(caches: Path) -> list[Path]:
+    """Remove the half-built caches (`.<cache>.tmp-<host>-<pid>`) that builds killed midway left in
+    `caches`: this host's whose process is gone, and any other host's untouched for a day. Returns them."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in caches.glob(".*.tmp-*") if caches.is_dir() else []:
+        owner, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+        try:
+            if owner == host and pid.isdigit():
+                try:
+                    os.kill(int(pid), 0)
+                    continue  # still building
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue  # alive, another user's
+            elif time.time() - tmp.stat().st_mtime < ORPHAN_AGE_S:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if removed:
+        print(f"blendtune: removed {len(removed)} half-built cache(s) a killed `data prepare` left (first: {removed[0]})",
+              file=sys.stderr, flush=True)
+    return removed
+
+
 def build_cache(samples, root: Path, directory: Path, sample_rate: int, frame_size: int, threads: int = 0) -> Path:
     """Decode every sample into a new cache at `directory` (built beside it, renamed into place whole)."""
     began = time.perf_counter()
     root, directory = Path(root), Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    remove_orphaned_builds(directory.parent)
+    tmp = directory.parent / f".{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -190,6 +223,7 @@ def fresh_cache(samples, root: Path, layout: str, sample_rate: int, frame_size: 
     """The cache for these samples if one was prepared: used when fresh, rebuilt (with a line saying so)
     when the source files changed; None when none was ever prepared."""
     directory = cache_dir(root, layout, sample_rate, frame_size)
+    remove_orphaned_builds(directory.parent)
     cache = ClipCache.open(directory, root)
     if cache is None:
         return None

@@ -17,7 +17,8 @@ from typing import List
 import numpy as np
 import torch
 
-from blendtune.data.base import DATASETS, DataCheck, DatasetAdapter, MultimodalDataset, Problem, data_root
+from blendtune.data.base import (DATASETS, DataCheck, DatasetAdapter, MultimodalDataset, Problem, class_coverage,
+                                 data_root)
 from blendtune.errors import UserError
 
 SPLITS = ("train", "test")
@@ -43,6 +44,24 @@ def find(folder: Path, name: str) -> Path | None:
         if (folder / f"{name}{suffix}").is_file():
             return folder / f"{name}{suffix}"
     return None
+
+
+def label_problems(labels: np.ndarray, where: str) -> list[Problem]:
+    """Class indices must be whole numbers from 0 (N labels), multi-hot rows 0 or 1 (N x C)."""
+    if not np.issubdtype(labels.dtype, np.number) and labels.dtype != bool:
+        return [Problem("bad label", where, f"expected integer classes, got {labels.dtype}")]
+    values = labels.astype(np.float64)
+    if labels.ndim == 2:
+        bad = np.flatnonzero(~np.isin(values, (0.0, 1.0)).all(axis=1))
+        return [Problem("bad label", where, f"multi-hot rows hold 0 or 1; row {bad[0]} holds "
+                                            f"{values[bad[0]][~np.isin(values[bad[0]], (0.0, 1.0))][0]:g}")] if len(bad) else []
+    bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+    if len(bad):
+        return [Problem("bad label", where, f"row {bad[0]}: {values[bad[0]]:g} is not a class index (whole numbers 0, 1, ...)")]
+    bad = np.flatnonzero(values < 0)
+    if len(bad):
+        return [Problem("label outside the classes", where, f"row {bad[0]}: {values[bad[0]]:g}; classes are 0, 1, ...")]
+    return []
 
 
 @dataclass
@@ -89,12 +108,16 @@ class Features(DatasetAdapter):
                                         f"{len(rows)} rows with NaN/inf, first row {rows[0]}"))
         if labels is not None and labels.ndim not in (1, 2):
             problems.append(Problem("bad array", str(find(folder, "labels")), f"expected N or N x C, got {labels.shape}"))
+        elif labels is not None:
+            problems += label_problems(labels, str(find(folder, "labels")))
         return arrays, problems
 
     def load(self):
+        """(root, modalities, arrays per split, problems, notes): whole-array checks, then the labels'
+        classes across the splits."""
         base = data_root(self.root)
         modalities = self.modalities(base)
-        splits, problems = {}, []
+        splits, problems, notes = {}, [], []
         for split in SPLITS:
             arrays, found = self.read_split(base, split, modalities)
             splits[split], problems = arrays, problems + found
@@ -104,7 +127,39 @@ class Features(DatasetAdapter):
                 if shapes["train"][m] != shapes["test"][m]:
                     problems.append(Problem("shape mismatch", str(find(base / "test", m)),
                                             f"test {shapes['test'][m]} vs train {shapes['train'][m]}"))
-        return base, modalities, splits, problems
+        if not problems and splits["train"]["labels"].ndim != splits["test"]["labels"].ndim:
+            problems.append(Problem("shape mismatch", str(find(base / "test", "labels")),
+                                    "train and test labels differ: one is class indices, the other multi-hot"))
+        if not problems:
+            found, notes = class_coverage(self.class_counts(splits), self.classes(splits), str(base / "*" / "labels"),
+                                          multilabel=splits["train"]["labels"].ndim == 2)
+            problems += found
+        return base, modalities, splits, problems, notes
+
+    def classes(self, splits) -> list[str]:
+        return [str(c) for c in range(self.num_classes(splits))]
+
+    @staticmethod
+    def class_counts(splits) -> dict[str, Counter]:
+        counts = {s: Counter() for s in SPLITS}
+        for s in SPLITS:
+            labels = splits[s]["labels"]
+            if labels.ndim == 2:
+                counts[s].update({str(c): int(n) for c, n in enumerate(labels.sum(axis=0))})
+            else:
+                counts[s].update(str(int(c)) for c in labels)
+        return counts
+
+    def preflight(self, skip_bad: bool = False) -> None:
+        base, _, _, problems, _ = self.load()
+        self.raise_problems(base, problems)  # whole arrays: nothing data.skip_bad could leave out
+
+    @staticmethod
+    def raise_problems(base, problems) -> None:
+        if problems:
+            raise UserError(f"features in '{base}': {problems[0]}"
+                            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+                            + "; `blendtune data check features` lists them")
 
     @staticmethod
     def num_classes(splits) -> int:
@@ -112,10 +167,8 @@ class Features(DatasetAdapter):
         return labels[0].shape[1] if labels[0].ndim == 2 else int(max(x.max() for x in labels)) + 1
 
     def build(self, skip_bad: bool = False, spectrogram_on: str = "loader", **_in_memory_ignores):
-        base, modalities, splits, problems = self.load()
-        if problems:  # whole arrays: nothing to skip sample by sample
-            raise UserError(f"features in '{base}': {problems[0]}"
-                            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+        base, modalities, splits, problems, _ = self.load()
+        self.raise_problems(base, problems)  # whole arrays: nothing to skip sample by sample
         num_classes = self.num_classes(splits)
         out = []
         for split in SPLITS:
@@ -129,14 +182,8 @@ class Features(DatasetAdapter):
         return tuple(out)
 
     def check(self) -> DataCheck:
-        base, modalities, splits, problems = self.load()
-        classes, counts = [], {s: Counter() for s in SPLITS}
-        if not problems:
-            classes = [str(c) for c in range(self.num_classes(splits))]
-            for s in SPLITS:
-                labels = splits[s]["labels"]
-                if labels.ndim == 2:
-                    counts[s].update({str(c): int(n) for c, n in enumerate(labels.sum(axis=0))})
-                else:
-                    counts[s].update(str(int(c)) for c in labels)
-        return DataCheck(self.name, str(base), classes, counts, problems)
+        base, modalities, splits, problems, notes = self.load()
+        labelled = all("labels" in splits[s] and splits[s]["labels"].ndim in (1, 2) and not label_problems(splits[s]["labels"], "") for s in SPLITS)
+        classes = self.classes(splits) if labelled else []
+        counts = self.class_counts(splits) if labelled else {s: Counter() for s in SPLITS}
+        return DataCheck(self.name, str(base), classes, counts, problems, notes)

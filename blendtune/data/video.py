@@ -33,6 +33,10 @@ def _codec():
     """The torchcodec decoders and encoders modules (a UserError if FFmpeg's libraries are missing)."""
     try:
         from torchcodec import decoders, encoders
+    except ModuleNotFoundError as e:
+        if e.name != "torchcodec":
+            raise
+        raise UserError("video files need torchcodec, an optional part: pip install 'blendtune[video]'") from None
     except (ImportError, OSError, RuntimeError) as e:
         raise UserError(f"torchcodec cannot load FFmpeg's shared libraries ({_load_failure(e)}); install them: "
                         f"{INSTALL_FFMPEG}") from None

@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from blendtune.functional import unimodal_ensemble_logits
 from blendtune.models.encoders import build_encoder
 from blendtune.models.fusion import build_fusion
 
@@ -61,6 +62,9 @@ class LateFusionClassifier(nn.Module):
         self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in dims.items()})
         self.fusion = fusion
         self._traced: dict[str, list[str]] | None = None  # parameter names per modality, if traced
+        # logits | probs: the fused output is the ensemble of the uni-modal heads (UME), not the fusion's; set
+        # by the ume strategy's prepare_inference (a plain attribute, not state: state_dict stays tensors only)
+        self.fused_from_heads: str | None = None
 
     @property
     def head_names(self) -> list[str]:
@@ -77,6 +81,9 @@ class LateFusionClassifier(nn.Module):
             raise ValueError(f"the backbone returned no features for {missing} (it returned {sorted(feats)})")
         feats = {m: feats[m] for m in self.modalities}
         logits = {m: self.heads[m](f.detach() if detach_unimodal_heads else f) for m, f in feats.items()}
+        if self.fused_from_heads is not None:
+            logits[FUSED] = unimodal_ensemble_logits([logits[m] for m in self.modalities], self.fused_from_heads)
+            return ModelOutput(feats, logits)
         fusion_in = feats
         if modality_masks is not None:
             fusion_in = {m: f * modality_masks[:, i:i + 1].to(f.dtype) for i, (m, f) in enumerate(feats.items())}
@@ -127,6 +134,10 @@ def feature_dims_of(backbone: nn.Module, inputs: Mapping[str, torch.Tensor]) -> 
     try:
         with torch.no_grad():
             feats = backbone(dict(inputs))
+    except Exception as e:  # a dtype or shape the model does not take: say what the data gave it
+        given = ", ".join(f"{m} {str(x.dtype).replace('torch.', '')} {tuple(x.shape)}" for m, x in inputs.items())
+        raise ValueError(f"its forward failed on the first training items (inputs: {given}): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
     finally:
         backbone.train(was_training)
     if not isinstance(feats, Mapping):

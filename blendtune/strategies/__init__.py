@@ -4,6 +4,8 @@ from blendtune.strategies.base import (STRATEGIES, BalancingStrategy, HeadLoss, 
                                        check_required_options,
                                        fusion_for, head_losses, probe_loss, strategy_options)
 from blendtune.strategies import naive, unimodal, modality_dropout, gblend, ogm, ogm_ge, mmpareto, pmr, mla  # noqa: F401
+from blendtune.strategies import ume_umt  # noqa: F401
+from blendtune.strategies import agm  # noqa: F401
 
 __all__ = ["BalancingStrategy", "HeadLoss", "STRATEGIES", "TrainingContext", "build_strategy", "check_held_out", "check_required_options", "fusion_for",
            "head_losses", "probe_loss", "strategy_options"]

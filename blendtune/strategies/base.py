@@ -56,6 +56,9 @@ class TrainingContext(Protocol):
     def train_head(self, model: LateFusionClassifier, head: str, epochs: int) -> None:
         """Train `model` (a copy) on head `head`'s loss alone for `epochs` epochs, with the loop's step."""
 
+    def reset_optimizer(self) -> None:
+        """Clear the run's optimizer state (momentum, moments), keeping its hyper-parameters (UMT's restart)."""
+
     def features(self, model: LateFusionClassifier, indices) -> Iterator[tuple[dict, torch.Tensor]]:
         """(fp32 features per modality, targets) of this rank's shard of training samples `indices`,
         eval mode, no gradients; the caller all-reduces what it sums."""
