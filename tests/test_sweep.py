@@ -104,8 +104,11 @@ def test_asha_with_multi_worker_train_trials_releases_their_workers(tmp_path):
 
 
 def test_pbt_exploit_restores_the_donor_trials_weights(tmp_path):
+    # all four trials at once (half a CPU each): PBT ranks the trials alive at a perturbation, so trials run
+    # two at a time could finish before the others start and never exploit one (as a fast, idle CI machine did)
     run_dir, results = sweep(tmp_path, ["train.epochs=4", "sweep.num_samples=4", "sweep.scheduler=pbt",
-                                        "sweep.search=random", "sweep.perturbation_interval=1"],
+                                        "sweep.search=random", "sweep.perturbation_interval=1",
+                                        "sweep.cpus_per_worker=0.5"],
                              {"optim.lr": {"loguniform": [1e-4, 0.3]}})
     assert not [r for r in results if r.error]
     rows = {d.name: result_rows(d) for d in (run_dir / "tune").iterdir() if (d / "result.json").is_file()}
