@@ -10,18 +10,16 @@ import torch
 from torch import nn
 
 import blendtune
-from blendtune.cli import main
 from blendtune.errors import UserError
-from conftest import CREMA_TINY, REPO, TINY, make_av_csv, make_crema_d, make_features
+from conftest import CREMA_TINY, REPO, TINY, cli_in_process, make_av_csv, make_crema_d, make_features
 
 FEATURES_TINY = [REPO / "experiments" / "features_gblend.yaml", "strategy=naive", "data.batch_size=16", "train.epochs=1",
                  "train.progress=false", "wandb=false"]
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    run = cli_in_process(capsys, *args)
+    return run.returncode, run.stdout, run.stderr
 
 
 def _labels(root, split, values):
