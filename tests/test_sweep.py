@@ -104,11 +104,12 @@ def test_asha_with_multi_worker_train_trials_releases_their_workers(tmp_path):
 
 
 def test_pbt_exploit_restores_the_donor_trials_weights(tmp_path):
-    # all four trials at once (half a CPU each): PBT ranks the trials alive at a perturbation, so trials run
-    # two at a time could finish before the others start and never exploit one (as a fast, idle CI machine did)
+    # All four trials at once (half a CPU each), with epochs long enough (2000 samples) for PBT's decisions to
+    # reach a trial before its next epoch ends: a trial reports and trains on without waiting for the
+    # scheduler, so on a fast idle machine tiny trials finished before any exploit reached them.
     run_dir, results = sweep(tmp_path, ["train.epochs=4", "sweep.num_samples=4", "sweep.scheduler=pbt",
                                         "sweep.search=random", "sweep.perturbation_interval=1",
-                                        "sweep.cpus_per_worker=0.5"],
+                                        "sweep.cpus_per_worker=0.5", "data.synthetic.num_train=2000"],
                              {"optim.lr": {"loguniform": [1e-4, 0.3]}})
     assert not [r for r in results if r.error]
     rows = {d.name: result_rows(d) for d in (run_dir / "tune").iterdir() if (d / "result.json").is_file()}
