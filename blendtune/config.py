@@ -289,6 +289,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if section:
         try:
             check_required_options(cfg.strategy, getattr(cfg, section))
+            STRATEGIES.get(cfg.strategy).check_epochs(getattr(cfg, section), cfg.train.epochs)
         except OptionError as e:
             raise SettingError(f"{section}.{e.key}", e.message) from None
 

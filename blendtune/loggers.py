@@ -106,7 +106,8 @@ class EpochTable:
             self.printed_header = True
         values = [f"{metrics['epoch']:>10d}"]
         score = score_name(metrics)
-        values += [f"{metrics.get(f'{score}/test/{h}', float('nan')):>10.4f}" for h in self.heads + ["ensemble"]]
+        tests = [metrics.get(f"{score}/test/{h}") for h in self.heads + ["ensemble"]]  # none: train.test_every
+        values += [f"{'-':>10}" if t is None else f"{t:>10.4f}" for t in tests]
         values += [f"{metrics[k]:>10.3f}" for k in extra]
         values.append(f"{metrics.get('time/epoch_s', 0.0):>10.1f}")
         print("  ".join(values), file=self.stream, flush=True)

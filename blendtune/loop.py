@@ -42,6 +42,8 @@ class TrainOptions:
     device: str = "auto"         # auto | cpu | cuda | cuda:N
     amp: str = "auto"            # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16  ("off" would read as a YAML boolean)
     checkpoint_every: int = 1    # epochs between checkpoints in the run directory (and always the last)
+    test_every: int = 1          # epochs between test-set evaluations (and always the last, and an early stop):
+                                 # only the logs read test metrics, so a larger value saves time and nothing else
     progress: bool = True        # a progress bar on an interactive terminal
     channels_last: Optional[bool] = None  # unset: on CUDA (conv encoders run NHWC), off on CPU
     cudnn_benchmark: bool = True          # CUDA: let cuDNN pick the fastest conv algorithms for the shapes
@@ -57,7 +59,7 @@ class TrainOptions:
             raise SettingError("train.amp", f"expected one of {', '.join(PRECISIONS)}, got {self.amp!r}")
         if self.predict not in PREDICT_RULES:
             raise SettingError("train.predict", f"expected one of {', '.join(PREDICT_RULES)}, got {self.predict!r}")
-        for key in ("epochs", "checkpoint_every", "early_stopping_patience"):
+        for key in ("epochs", "checkpoint_every", "test_every", "early_stopping_patience"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise SettingError(f"train.{key}", f"expected a positive number, got {value}")
@@ -104,9 +106,9 @@ class Trainer:
         self.strategy.setup(self.model, seed, o.epochs)
         self.train_model = self.wrap_for_training(self.model, strategy.trains_all_parameters)
         if o.compile and (not strategy.compiles or (strategy.syncs_gradients and distributed.is_distributed())):
-            raise SettingError("train.compile", f"strategy {type(strategy).__name__} takes several backward passes "
-                               "or optimizer steps per forward, which a compiled graph does not allow"
-                               + ("" if not strategy.compiles else " with several workers"))
+            raise SettingError("train.compile", f"strategy {type(strategy).__name__} " + (
+                strategy.compile_refusal if not strategy.compiles else BalancingStrategy.compile_refusal
+                + " with several workers"))
         if o.compile:  # the step runs through the compiled module; state_dict and evaluation use the model
             self.train_model = torch.compile(self.train_model)
         self.optimizer = optimizer
@@ -161,17 +163,19 @@ class Trainer:
             # stays per rank; share it before evaluation and the checkpoint (which holds rank 0's).
             distributed.broadcast_(list(self.model.buffers()))
             self.scheduler.step()
-            evaluation = self.evaluate(self.model)
+            evaluation = self.evaluate(self.model)  # T (or T') and V: all a strategy or a selection may see
             self.strategy.on_epoch_end(epoch, evaluation, self.context)
             head = prediction_head(evaluation, self.options.predict, self.model.modalities)
+            watched = self._watch(epoch, {**evaluation.metrics(), **prediction_metrics(
+                evaluation, head, self.model.modalities)}) if self.best is not None else {}
+            if self._tests_after(epoch):
+                evaluation.splits["test"] = self._evaluate_split(self.model, self.splits.test, "test")
             metrics = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                        "loss/objective": train_loss, **evaluation.metrics(),
                        **prediction_metrics(evaluation, head, self.model.modalities),
                        **ogr_metrics(self.last_losses, evaluation.losses()),
-                       **self.strategy.pop_epoch_metrics(), **self._skipped_metrics()}
+                       **self.strategy.pop_epoch_metrics(), **self._skipped_metrics(), **watched}
             self.epoch, self.last_losses = epoch, evaluation.losses()
-            if self.best is not None:
-                metrics.update(self._watch(epoch, metrics))
             metrics["time/epoch_s"] = time.perf_counter() - began
             for callback in self.callbacks:
                 callback(metrics)
@@ -277,9 +281,16 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ---- evaluation -------------------------------------------------------------------------
-    def evaluate(self, model: LateFusionClassifier) -> Evaluation:
-        splits = {"train": self.splits.train_eval, "held_out": self.splits.held_out, "test": self.splits.test}
+    def evaluate(self, model: LateFusionClassifier, test: bool = False) -> Evaluation:
+        """Every head on T (or T') and V, and on the test split with `test=True`. `fit` evaluates test apart,
+        after the strategy and the selection have had the rest: nothing that steers training reads test."""
+        splits = {"train": self.splits.train_eval, "held_out": self.splits.held_out,
+                  **({"test": self.splits.test} if test else {})}
         return Evaluation({name: self._evaluate_split(model, ds, name) for name, ds in splits.items() if ds is not None})
+
+    def _tests_after(self, epoch: int) -> bool:
+        return self.splits.test is not None and (epoch % self.options.test_every == 0
+                                                  or epoch == self.options.epochs or self.stopped_early)
 
     def _evaluate_split(self, model: LateFusionClassifier, dataset, split: str):
         batches = (self.feed.to_device(batch) for batch in self.feed.eval_loader(dataset))

@@ -31,8 +31,8 @@ __all__ = ["CHECKPOINT", "CONFIG_FILE", "METRICS_FILE", "RESUME_SAFE_KEYS", "cre
 
 # What `train --resume RUN key=value` may change: how long and where it runs, how it logs. Anything else
 # (strategy, data, model, optimizer...) would make the resumed run a different experiment.
-RESUME_SAFE_KEYS = ("train.epochs", "train.progress", "train.checkpoint_every", "train.device", "data.root",
-                    "data.num_workers", "data.eval_batch_size", "wandb", "wandb_project", "wandb_entity",
+RESUME_SAFE_KEYS = ("train.epochs", "train.progress", "train.checkpoint_every", "train.test_every", "train.device",
+                    "data.root", "data.num_workers", "data.eval_batch_size", "wandb", "wandb_project", "wandb_entity",
                     "max_failures", "sweep.address", "sweep.cpus_per_worker")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from blendtune import distributed
 from blendtune.errors import UserError
-from blendtune.evaluation import Evaluation, ShardSampler
+from blendtune.evaluation import Evaluation
 from blendtune.models import LateFusionClassifier
 from blendtune.strategies import HeadLoss
 
@@ -63,7 +63,7 @@ class StrategyServices:
         in eval mode without gradients (PMR's prototypes); sum and all-reduce what you need of them."""
         trainer = self._trainer
         subset = trainer.splits.train.subset(indices).for_evaluation()
-        loader = trainer.feed.loader(subset, trainer.feed.options.eval_batch_size, ShardSampler(len(subset)))
+        loader = trainer.feed.eval_loader(subset)
         was_training = model.training
         model.eval()
         try:

@@ -186,6 +186,39 @@ def make_features(root, n_train: int = 120, n_test: int = 60, multilabel: bool =
 WANDB_OWN_KEYS = {"_step", "_timestamp", "_runtime"}
 
 
+class SharedTrunk(torch.nn.Module):
+    """A user's backbone whose one layer serves both modalities (a step on one changes the other's features):
+    what the strategies that need one model per modality (MLA, UME, UMT) refuse, naming the layer."""
+    feature_dims = {"a": 8, "b": 8}
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.trunk = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, inputs):
+        return {"a": self.trunk(self.a(inputs["a"])), "b": self.trunk(self.b(inputs["b"]))}
+
+    @staticmethod
+    def data(n: int = 16) -> list:
+        return [({"a": torch.randn(4), "b": torch.randn(4)}, i % 2) for i in range(n)]
+
+
+def gradients_at_step(trainer, batch) -> dict:
+    """Run the loop's own step on one batch; the gradients the optimizer received."""
+    seen = {}
+    step = trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+    trainer.optimizer.step = capture
+    try:
+        trainer.train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, True)
+    finally:
+        trainer.optimizer.step = step
+    return seen
+
+
 def wandb_history(run_dir) -> list[dict]:
     """Every row W&B recorded for a run or trial directory, over all its offline sessions in the order
     they ran (a resume opens a new `offline-run-*` folder)."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TINY
+from conftest import TINY, gradients_at_step
 from blendtune.build import build_trainer
 from blendtune.config import load_config
 from blendtune.functional import (agm_coefficients, agm_ratios, agm_score_sums, clip_if_any_exceeds_, scale_gradient,
@@ -237,13 +237,6 @@ def test_agm_loop_steps_equal_the_authors_steps():
     s.running = torch.tensor([score_a, score_v], dtype=torch.float64)
     s.iterations = 10
     batches = iter(trainer.train_loader)
-    seen = {}
-    step = trainer.optimizer.step
-
-    def capture(*args, **kwargs):
-        seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        return step(*args, **kwargs)
-    trainer.optimizer.step = capture
     clipped = []
     for iteration, clip in ((11, 1.0), (12, 0.05)):
         s.options.clip_threshold = clip
@@ -253,7 +246,7 @@ def test_agm_loop_steps_equal_the_authors_steps():
         want, coeff, score_a, score_v, was_clipped = _authors_step(
             reference, inputs["clean"], inputs["memorizable"], targets, score_a, score_v, iteration, 2.0, clip)
         clipped.append(was_clipped)
-        trainer.train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, s, 1, True)
+        seen = gradients_at_step(trainer, batch)
         assert s.coefficients.tolist() == pytest.approx(list(coeff), rel=1e-5)
         assert s.running.tolist() == pytest.approx([score_a, score_v], rel=1e-6)
         assert coeff[0] < 0.7 and coeff[1] > 2.0

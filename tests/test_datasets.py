@@ -37,7 +37,7 @@ def test_crema_d_layout_trains_one_epoch_with_loader_workers(tmp_path):
     assert metrics["epoch"] == 1 and np.isfinite(metrics["loss/objective"])
     # what the loader workers decoded is what this process decodes: the same evaluation, value for value
     t.loader_workers = 0
-    in_process = t.evaluate(t.model).metrics()
+    in_process = t.evaluate(t.model, test=True).metrics()
     assert {k: metrics[k] for k in in_process} == pytest.approx(in_process, rel=1e-6, abs=1e-9)
 
 
@@ -48,7 +48,7 @@ def test_crema_d_tiny_tree_is_learned_well_above_chance(tmp_path):
     # six emotions, each its own tone and frame colour: learnable, so the test actor is recognised
     root = make_crema_d(tmp_path / "crema")
     t = trainer([*CREMA_TINY, f"data.root={root}", *ADAM, "train.epochs=10"])
-    before = t.evaluate(t.model).metrics()["acc/test/fused"]
+    before = t.evaluate(t.model, test=True).metrics()["acc/test/fused"]
     metrics = t.fit()
     assert metrics["acc/test/fused"] > 0.5 > before  # chance: 1/6
 
@@ -155,7 +155,7 @@ def test_av_csv_multilabel_uses_bce_and_reports_map(tmp_path):
     t = trainer([*AV_CSV_TINY, f"data.root={root}", "data.av_csv.multilabel=true", "strategy=ogm_ge", *ADAM,
                  "train.epochs=8"])
     assert t.splits.train.targets.dtype == torch.float32 and t.splits.train.targets.sum(1).max() == 2
-    before = t.evaluate(t.model).metrics()["map/test/fused"]
+    before = t.evaluate(t.model, test=True).metrics()["map/test/fused"]
     metrics = t.fit()
     assert "acc/test/fused" not in metrics and np.isfinite(metrics["ogm/coeff/audio"])
     assert metrics["map/test/fused"] > 0.8 and metrics["map/test/fused"] > before + 0.1  # chance: about 0.6

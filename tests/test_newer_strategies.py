@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, SharedTrunk, gradients_at_step
 from blendtune.config import load_config
 from blendtune.errors import UserError
 from blendtune.functional import (class_means, class_quotas, entropy_fusion_weights, mean_entropy, mmpareto_gradients,
@@ -94,27 +94,13 @@ def _overflowing_next_step(trainer):
     trainer.scaler.update(new_scale=2.0 ** 100)
 
 
-def _gradients_at_step(trainer, batch):
-    """Run the loop's own step on one batch; the gradients the optimizer received."""
-    seen = {}
-    step = trainer.optimizer.step
-
-    def capture(*args, **kwargs):
-        seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        return step(*args, **kwargs)
-    trainer.optimizer.step = capture
-    trainer.train_steps(trainer.train_model, [batch], trainer.optimizer, trainer.scaler, trainer.strategy, 1, True)
-    trainer.optimizer.step = step
-    return seen
-
-
 @pytest.mark.parametrize("fusion", ["concat", "gated"])
 def test_mmpareto_step_equals_the_authors_four_backward_passes(fusion):
     trainer = _trainer("mmpareto", [f"model.fusion={fusion}", "data.synthetic.modalities.memorizable.signal=0.0"])
     reference = copy.deepcopy(trainer.model)
     batch = next(iter(trainer.train_loader))
     inputs, targets = trainer.feed.to_device(batch)
-    seen = _gradients_at_step(trainer, batch)
+    seen = gradients_at_step(trainer, batch)
     expected = _authors_mmpareto(reference, lambda model: model(inputs), targets)
     assert seen.keys() == expected.keys()
     for name, want in expected.items():
@@ -132,7 +118,7 @@ def test_mmpareto_under_fp16_sees_the_same_gradients_as_fp32():
         trainer = _trainer("mmpareto", [f"train.amp={amp}"])
         assert trainer.scaler.is_enabled() == (amp == "fp16")
         batch = batch or next(iter(trainer.train_loader))
-        grads[amp] = _gradients_at_step(trainer, batch)
+        grads[amp] = gradients_at_step(trainer, batch)
     for name, want in grads["fp32"].items():
         assert (grads["fp16"][name] - want).norm() <= 0.05 * want.norm() + 1e-6, name  # unscaled: 65536x
 
@@ -406,17 +392,6 @@ def test_mla_refuses_compile_and_backbones_that_share_parameters():
         _trainer("mla", ["train.compile=true"])
     import blendtune
 
-    class SharedTrunk(torch.nn.Module):
-        """One layer serves both modalities: a step on one changes the other's features."""
-        feature_dims = {"a": 8, "b": 8}
-
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.trunk = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 8)
-
-        def forward(self, inputs):
-            return {"a": self.trunk(self.a(inputs["a"])), "b": self.trunk(self.b(inputs["b"]))}
-
-    data = [({"a": torch.randn(4), "b": torch.randn(4)}, i % 2) for i in range(16)]
+    data = SharedTrunk.data()
     with pytest.raises(UserError, match=r"strategy mla needs a separate encoder per modality.*trunk.weight"):
         blendtune.fit(SharedTrunk(), data, data, strategy="mla", epochs=1)

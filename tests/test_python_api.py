@@ -102,6 +102,28 @@ def test_early_stopping_and_keep_best_watch_held_out_data(data, tmp_path):
         blendtune.fit(TwoStreamNet, train, test, early_stopping_patience=2, monitor="acc/test/fused", **QUIET)
 
 
+def test_the_test_split_is_evaluated_every_test_every_epochs_and_never_handed_to_a_strategy(data, monkeypatch):
+    from blendtune.strategies.naive import Naive
+    handed = []
+    monkeypatch.setattr(Naive, "on_epoch_end", lambda self, epoch, evaluation, context:
+                        handed.append(sorted(evaluation.splits)), raising=False)
+    train, test = data
+    result = blendtune.fit(TwoStreamNet, train, test, strategy="naive", epochs=5, test_every=2, **QUIET)
+    assert [r["epoch"] for r in result.history if "acc/test/fused" in r] == [2, 4, 5]  # and always the last
+    assert all("acc/test/prediction" in r for r in result.history if "acc/test/fused" in r)
+    assert handed == [["held_out", "train"]] * 6  # epoch 0's measurement and five epochs: never test
+    # evaluating the test split or not leaves training exactly as it was (modality dropout draws from torch's RNG)
+    runs = [blendtune.fit(TwoStreamNet, train, test, strategy="modality_dropout", epochs=3, test_every=every, seed=3,
+                          **QUIET) for every in (1, 3)]
+    assert [r["loss/objective"] for r in runs[0].history] == [r["loss/objective"] for r in runs[1].history]
+    assert all(torch.equal(a, b) for a, b in zip(*(r.model.state_dict().values() for r in runs)))
+    # an early stop is a last epoch too
+    stopped = blendtune.fit(TwoStreamNet, train, test, strategy="naive", epochs=30, test_every=100, lr=0.05,
+                            optimizer="sgd", early_stopping_patience=1, monitor="loss/held_out/fused", progress=False)
+    assert stopped.history[-1].get("stopped_early") == 1.0 and "acc/test/fused" in stopped.history[-1]
+    assert not any("acc/test/fused" in r for r in stopped.history[:-1])
+
+
 def test_test_data_is_optional(data):
     train, _ = data
     result = blendtune.fit(TwoStreamNet(), train, strategy="gblend", epochs=1, super_epoch=1, **QUIET)

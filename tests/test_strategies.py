@@ -1,5 +1,7 @@
 """Every registered strategy trains and resumes exactly; G-Blend and OGM do what the papers say."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,8 +29,7 @@ SETTINGS = {
 }
 # Fusions a strategy can run with (default: every one)
 FUSIONS_OF = {"mla": ["shared"]}
-# UME predicts with the uni-modal heads' ensemble (the fusion is unused); UMT's one-epoch runs are its teacher
-# phase (uni-modal losses): its student under bf16 / fp16 is tested in tests/test_ume_umt.py
+# UME predicts with the uni-modal heads' ensemble (the fusion is unused); UMT runs a teacher and a student epoch
 FUSIONS_OF.update({"ume": ["concat"], "umt": ["concat"]})
 VARIANTS = [(s, []) for s in SETTINGS] + [("gblend", ["gblend.estimator=paper", "gblend.super_epoch=1"]),
                                            ("gblend", ["gblend.mode=offline", "gblend.estimator=paper"]),
@@ -67,8 +68,10 @@ def test_every_strategy_trains_and_resumes_exactly(strategy, extra, tmp_path):
         assert 0.0 <= last[f"acc/test/{head}"] <= 1.0 and f"ogr/{head}" in last
     assert last["loss/objective"] == last["loss/objective"]  # not NaN
 
-    # Train 2 epochs, stop, resume from the checkpoint in a fresh Trainer, finish epoch 3.
-    first = build_trainer(_cfg(strategy, ["train.epochs=2", *extra]), tmp_path / "split")
+    # The same 3-epoch run stopped after its second epoch's checkpoint (as a killed run stops), resumed from
+    # that checkpoint in a fresh Trainer, finishes epoch 3.
+    first = build_trainer(cfg, tmp_path / "split")
+    first.options = dataclasses.replace(first.options, epochs=2)
     first.fit()
     resumed = build_trainer(cfg, tmp_path / "split")
     resumed.load(tmp_path / "split" / "checkpoints" / "last.pt")
@@ -321,7 +324,8 @@ def test_fp16_gradients_are_unscaled_before_ogm_modulates_them():
 def test_every_strategy_and_fusion_trains_under_each_precision(strategy, fusion, amp):
     # CPU autocast (bf16 and fp16) catches the dtype bugs a GPU would hit: OGM once scored bf16
     # features against fp32 weights and crashed at its first step.
-    cfg = _cfg(strategy, [f"train.amp={amp}", f"model.fusion={fusion}", "train.epochs=1",
+    epochs = 2 if strategy == "umt" else 1  # UMT: a teacher epoch, then a student epoch
+    cfg = _cfg(strategy, [f"train.amp={amp}", f"model.fusion={fusion}", f"train.epochs={epochs}",
                           "data.synthetic.num_train=96", "data.synthetic.num_test=32"])
     trainer = build_trainer(cfg)
     metrics = trainer.fit()

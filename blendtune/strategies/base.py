@@ -82,9 +82,16 @@ class BalancingStrategy:
     syncs_gradients: bool = False       # True: under DDP its `backward` all-reduces the gradients itself
     fusion: str | None = None           # the fusion the method is defined with (MLA: shared); None: any
     compiles: bool = True               # False: its step cannot run through torch.compile (train.compile)
+    compile_refusal: str = ("takes several backward passes or optimizer steps per forward, which a compiled graph "
+                            "does not allow")  # why not, in the train.compile error
 
     def __init__(self, options: Any = None):
         self.options = options
+
+    @classmethod
+    def check_epochs(cls, options: Any, epochs: int) -> None:
+        """Options that depend on the run's length (UMT's teacher phase): an OptionError if they cannot work
+        in `epochs` epochs. Config validation calls it, before anything starts."""
 
     def setup(self, model: LateFusionClassifier, seed: int, total_epochs: int) -> None:
         self.model = model

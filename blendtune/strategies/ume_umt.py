@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -77,14 +78,20 @@ class UME(BalancingStrategy):
 
 @dataclass
 class UMTOptions:
-    teacher_epochs: int = 10      # epochs 1..teacher_epochs train the uni-modal teachers; the student the rest
+    teacher_epochs: Optional[int] = None  # epochs 1..teacher_epochs train the uni-modal teachers, the student the
+                                          # rest; unset: half of train.epochs (teachers and student alike)
     distill_weight: float = 1.0   # lambda on the summed per-modality feature MSE (the paper tunes it per dataset)
 
     def validate(self) -> None:
-        if self.teacher_epochs < 1:
+        if self.teacher_epochs is not None and self.teacher_epochs < 1:
             raise OptionError("teacher_epochs", f"expected >= 1, got {self.teacher_epochs}")
         if self.distill_weight < 0:
             raise OptionError("distill_weight", f"expected >= 0, got {self.distill_weight}")
+
+
+def teacher_epochs(options: UMTOptions, total_epochs: int) -> int:
+    """The teacher phase's length: the option, or half of the run's epochs (at least one)."""
+    return options.teacher_epochs if options.teacher_epochs is not None else max(1, total_epochs // 2)
 
 
 class _InputTap:
@@ -105,7 +112,8 @@ class _InputTap:
 class UMT(BalancingStrategy):
     options: UMTOptions
     trains_all_parameters = False  # teacher phase: the fusion gets no gradient
-    compiles = False               # the teachers read the batch through a forward hook on the model
+    compiles = False
+    compile_refusal = "is not compiled: its teachers read each batch through a forward hook on the model"
 
     @property
     def detach_unimodal_heads(self) -> bool:
@@ -113,8 +121,18 @@ class UMT(BalancingStrategy):
         # the heads are probes, as for the other fused-loss strategies
         return self.teacher is not None
 
+    @classmethod
+    def check_epochs(cls, options: UMTOptions, epochs: int) -> None:
+        if epochs < 2:
+            raise OptionError("teacher_epochs", f"UMT trains teachers, then a student: train.epochs={epochs} "
+                                                "has no room for both (expected 2 or more)")
+        if teacher_epochs(options, epochs) >= epochs:  # the student would never train (teachers only is `ume`)
+            raise OptionError("teacher_epochs", f"the teachers' {options.teacher_epochs} epochs leave no student "
+                                                f"epoch in train.epochs={epochs}: expected fewer than {epochs}")
+
     def setup(self, model, seed, total_epochs):
         super().setup(model, seed, total_epochs)
+        self.check_epochs(self.options, total_epochs)
         check_separate_encoders(model, "umt")
         self.teacher: torch.nn.Module | None = None
         # the student restarts from these (the model's initial weights); kept until the switch
@@ -125,7 +143,7 @@ class UMT(BalancingStrategy):
         self._steps = 0
 
     def on_epoch_start(self, epoch: int, context: TrainingContext) -> None:
-        if self.teacher is None and epoch > self.options.teacher_epochs:
+        if self.teacher is None and epoch > teacher_epochs(self.options, self.total_epochs):
             self.teacher = self._frozen_copy()
             self.model.load_state_dict(self.initial)
             self.initial = None
