@@ -166,16 +166,17 @@ class Trainer:
             evaluation = self.evaluate(self.model)  # T (or T') and V: all a strategy or a selection may see
             self.strategy.on_epoch_end(epoch, evaluation, self.context)
             head = prediction_head(evaluation, self.options.predict, self.model.modalities)
-            watched = self._watch(epoch, {**evaluation.metrics(), **prediction_metrics(
-                evaluation, head, self.model.modalities)}) if self.best is not None else {}
-            if self._tests_after(epoch):
-                evaluation.splits["test"] = self._evaluate_split(self.model, self.splits.test, "test")
             metrics = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                        "loss/objective": train_loss, **evaluation.metrics(),
                        **prediction_metrics(evaluation, head, self.model.modalities),
                        **ogr_metrics(self.last_losses, evaluation.losses()),
-                       **self.strategy.pop_epoch_metrics(), **self._skipped_metrics(), **watched}
+                       **self.strategy.pop_epoch_metrics(), **self._skipped_metrics()}
             self.epoch, self.last_losses = epoch, evaluation.losses()
+            if self.best is not None:
+                metrics.update(self._watch(epoch, metrics))
+            if self._tests_after(epoch):  # after all that steers training, early stopping included
+                test = Evaluation({"test": self._evaluate_split(self.model, self.splits.test, "test")})
+                metrics.update({**test.metrics(), **prediction_metrics(test, head, self.model.modalities)})
             metrics["time/epoch_s"] = time.perf_counter() - began
             for callback in self.callbacks:
                 callback(metrics)
