@@ -7,9 +7,11 @@ its start hook, e.g. PMR's prototype pass, and its steps).
 
 Same model (encoders and concat fusion built by the same builders), same in-memory data, same
 optimizer, same precision. The bare loop shuffles, indexes a batch, runs forward / cross-entropy /
-backward / step. `--baseline best` (the default on CUDA) makes it a best-practice loop: channels_last
-model and batches, cudnn.benchmark, a fused optimizer (`--compile` adds torch.compile to it); blendtune
-runs with its defaults for the device (on CUDA: channels_last, data on the device, fused optimizer).
+backward / step. `--baseline best` (the default) makes it a best-practice loop: channels_last model and
+batches, and on CUDA cudnn.benchmark and a fused optimizer (`--compile` adds torch.compile to it);
+blendtune runs with its defaults for the device (channels_last; on CUDA data on the device and a fused
+optimizer). `--baseline plain` runs both loops NCHW. Both loops always share the memory layout: the
+table measures blendtune's overhead, not a layout.
 On CUDA the table adds MFU from `--gflop-per-sample` (ResNet-18 pair: 21.3) and `--peak-tflops`. blendtune runs `Trainer.train_epoch`: its hooks, its uni-modal probe heads, its
 sampler. One epoch of each per round, alternated over rounds (after a warm-up round); medians.
 Writes benchmarks/results/step_overhead_<model>_<device>.{json,md}.
@@ -94,15 +96,15 @@ def main() -> None:
                                                           "ume", "umt"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--baseline", choices=["plain", "best"], default=None,
-                        help="plain: NCHW, foreach optimizer; best: channels_last, cudnn.benchmark, fused optimizer "
-                             "(default: best on CUDA, plain on CPU)")
+    parser.add_argument("--baseline", choices=["plain", "best"], default="best",
+                        help="plain: both loops NCHW, foreach optimizer; best: both channels_last, and on CUDA "
+                             "cudnn.benchmark and a fused optimizer")
     parser.add_argument("--compile", action="store_true", help="torch.compile the baseline (and blendtune: train.compile)")
     parser.add_argument("--gflop-per-sample", type=float, default=None, help="for MFU (ResNet-18 pair: 21.3)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H100 bf16: 989)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    best = (args.baseline or ("best" if device.type == "cuda" else "plain")) == "best"
+    best = args.baseline == "best"
     if best and device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -118,6 +120,7 @@ def main() -> None:
                         {"name": encoder, "dim": enc_opts["dim"], "hidden": enc_opts["hidden"]}.items()]
         base = ["data.dataset=bench_tensors", f"data.batch_size={batch}", "train.progress=false", "wandb=false",
                 f"train.device={args.device}", f"train.amp={args.amp}", "data.held_out_ratio=0", *optim, *encoders_cfg,
+                f"train.channels_last={str(best).lower()}",
                 *(["train.compile=true"] if args.compile else [])]
         trainers = {}
         for strategy in args.strategies:

@@ -45,7 +45,7 @@ class TrainOptions:
     test_every: int = 1          # epochs between test-set evaluations (and always the last, and an early stop):
                                  # only the logs read test metrics, so a larger value saves time and nothing else
     progress: bool = True        # a progress bar on an interactive terminal
-    channels_last: Optional[bool] = None  # unset: on CUDA (conv encoders run NHWC), off on CPU
+    channels_last: Optional[bool] = None  # unset: on for CUDA and CPU (NHWC convs and pools run faster on both)
     cudnn_benchmark: bool = True          # CUDA: let cuDNN pick the fastest conv algorithms for the shapes
     compile: bool = False                 # torch.compile the model for the training step (slow to start)
     predict: str = "fused"                # the prediction head: fused | ensemble | held_out_best (chosen on V)
@@ -97,7 +97,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(o.amp, self.device)
         self.splits = splits
         self.skipped = 0  # bad samples dropped from training batches (data.skip_bad)
-        self.channels_last = o.channels_last if o.channels_last is not None else self.device.type == "cuda"
+        self.channels_last = o.channels_last if o.channels_last is not None else self.device.type in ("cuda", "cpu")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = o.cudnn_benchmark
         self.model = model.to(self.device, memory_format=torch.channels_last) if self.channels_last \
@@ -147,6 +147,16 @@ class Trainer:
     def fit(self) -> dict:
         """Train from the current epoch to `epochs` (or until early stopping); returns the last epoch's
         metrics. With keep_best, the model ends with the best epoch's weights."""
+        try:
+            return self._fit()
+        except RuntimeError as error:  # a model written for NCHW: `.view` cannot flatten an NHWC tensor
+            if self.channels_last and "view size is not compatible with input tensor's size and stride" in str(error):
+                raise SettingError("train.channels_last", "the model calls .view() on a conv output, which runs "
+                                   "channels_last (NHWC) by default: use .reshape() or .flatten() there, or set "
+                                   "train.channels_last=false") from error
+            raise
+
+    def _fit(self) -> dict:
         metrics: dict = {}
         if self.epoch == 0:
             evaluation = self.evaluate(self.model)

@@ -237,6 +237,40 @@ def test_errors_speak_the_python_callers_language(data):
     assert result.config.pmr.momentum == 0.5 and result.config.optim.momentum == 0.9
 
 
+class ViewFlattenNet(nn.Module):
+    """An image stream written for NCHW, as many are: `.view` flattens the conv output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.image = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 6 * 6, 16)
+        self.audio = nn.Linear(8, 16)
+
+    def forward(self, inputs):
+        x = torch.relu(self.conv(inputs["image"]))
+        return {"image": self.image(x.view(len(x), -1)), "audio": self.audio(inputs["audio"])}
+
+
+class ReshapeFlattenNet(ViewFlattenNet):
+    def forward(self, inputs):
+        x = torch.relu(self.conv(inputs["image"]))
+        return {"image": self.image(x.flatten(1)), "audio": self.audio(inputs["audio"])}
+
+
+def test_conv_models_run_channels_last_on_cpu_and_a_view_that_needs_nchw_is_one_line():
+    g = torch.Generator().manual_seed(0)
+    items = [({"image": torch.randn(2, 6, 6, generator=g) + (i % 2), "audio": torch.randn(8, generator=g)}, i % 2)
+             for i in range(64)]
+    with pytest.raises(UserError, match=r"^fit\(channels_last=\.\.\.\): the model calls \.view\(\) on a conv output"):
+        blendtune.fit(ViewFlattenNet(), items[:48], items[48:], epochs=1, **QUIET)
+    torch.manual_seed(0)
+    nchw = blendtune.fit(ViewFlattenNet(), items[:48], items[48:], epochs=2, channels_last=False, **QUIET)
+    assert not nchw.model.encoders.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    nhwc = blendtune.fit(ReshapeFlattenNet(), items[:48], items[48:], epochs=2, **QUIET)  # the default on CPU
+    assert nhwc.model.encoders.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc.metrics["loss/objective"] == pytest.approx(nchw.metrics["loss/objective"], rel=1e-4)  # same math
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     import ray
