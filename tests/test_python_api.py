@@ -237,23 +237,20 @@ def test_errors_speak_the_python_callers_language(data):
     assert result.config.pmr.momentum == 0.5 and result.config.optim.momentum == 0.9
 
 
-class ViewFlattenNet(nn.Module):
-    """An image stream written for NCHW, as many are: `.view` flattens the conv output."""
+class ConvNet(nn.Module):
+    """An image stream that flattens its conv output with `.view` (written for NCHW, as many are) or with
+    `.flatten`, which works in any memory layout."""
 
-    def __init__(self):
+    def __init__(self, flatten_with_view: bool):
         super().__init__()
         self.conv, self.image = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4 * 6 * 6, 16)
         self.audio = nn.Linear(8, 16)
+        self.flatten_with_view = flatten_with_view
 
     def forward(self, inputs):
         x = torch.relu(self.conv(inputs["image"]))
-        return {"image": self.image(x.view(len(x), -1)), "audio": self.audio(inputs["audio"])}
-
-
-class ReshapeFlattenNet(ViewFlattenNet):
-    def forward(self, inputs):
-        x = torch.relu(self.conv(inputs["image"]))
-        return {"image": self.image(x.flatten(1)), "audio": self.audio(inputs["audio"])}
+        x = x.view(len(x), -1) if self.flatten_with_view else x.flatten(1)
+        return {"image": self.image(x), "audio": self.audio(inputs["audio"])}
 
 
 def test_conv_models_run_channels_last_on_cpu_and_a_view_that_needs_nchw_is_one_line():
@@ -261,12 +258,12 @@ def test_conv_models_run_channels_last_on_cpu_and_a_view_that_needs_nchw_is_one_
     items = [({"image": torch.randn(2, 6, 6, generator=g) + (i % 2), "audio": torch.randn(8, generator=g)}, i % 2)
              for i in range(64)]
     with pytest.raises(UserError, match=r"^fit\(channels_last=\.\.\.\): the model calls \.view\(\) on a conv output"):
-        blendtune.fit(ViewFlattenNet(), items[:48], items[48:], epochs=1, **QUIET)
+        blendtune.fit(ConvNet(flatten_with_view=True), items[:48], items[48:], epochs=1, **QUIET)
     torch.manual_seed(0)
-    nchw = blendtune.fit(ViewFlattenNet(), items[:48], items[48:], epochs=2, channels_last=False, **QUIET)
+    nchw = blendtune.fit(ConvNet(flatten_with_view=True), items[:48], items[48:], epochs=2, channels_last=False, **QUIET)
     assert not nchw.model.encoders.conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    nhwc = blendtune.fit(ReshapeFlattenNet(), items[:48], items[48:], epochs=2, **QUIET)  # the default on CPU
+    nhwc = blendtune.fit(ConvNet(flatten_with_view=False), items[:48], items[48:], epochs=2, **QUIET)  # the default on CPU
     assert nhwc.model.encoders.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert nhwc.metrics["loss/objective"] == pytest.approx(nchw.metrics["loss/objective"], rel=1e-4)  # same math
 
