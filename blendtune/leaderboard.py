@@ -6,12 +6,11 @@ trials chose the settings; they are not scored here).
 """
 from __future__ import annotations
 
-import math
 import statistics
 from pathlib import Path
 
 from blendtune.errors import UserError
-from blendtune.report import load_trials, mean_ci, paired_differences, score_of
+from blendtune.report import difference_text, load_trials, mean_ci_text, paired_differences, score_of
 from blendtune.runs import load_run_config, load_tuning
 
 
@@ -30,16 +29,8 @@ def _cells(run_dir: Path) -> tuple[str, dict[str, dict[int, float]], str, bool]:
     return load_run_config(run_dir).name, cells, score, load_tuning(run_dir) is not None
 
 
-def _text(values: list[float]) -> str:
-    mean, half = mean_ci([100 * v for v in values])
-    return f"{mean:.1f} ± {half:.1f}" if math.isfinite(half) else f"{mean:.1f}"
-
-
 def _difference(d) -> str:
-    if d is None:
-        return "-"
-    text = f"{100 * d.mean:+.1f} ± {100 * d.half_width:.1f}" if math.isfinite(d.half_width) else f"{100 * d.mean:+.1f}"
-    return f"**{text}**" if d.excludes_zero else text
+    return difference_text(d) if d is not None else "-"
 
 
 def leaderboard(run_dirs: list[Path]) -> str:
@@ -78,7 +69,7 @@ def leaderboard(run_dirs: list[Path]) -> str:
              "| strategy | " + " | ".join(e["name"] for e in experiments) + " | average rank |",
              "|---|" + "---|" * (len(experiments) + 1)]
     for label in labels:
-        cells = [f"{_text(list(e['cells'][label].values()))} ({len(e['cells'][label])})" if label in e["cells"] else "-"
+        cells = [f"{mean_ci_text(list(e['cells'][label].values()))} ({len(e['cells'][label])})" if label in e["cells"] else "-"
                  for e in experiments]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(ranks[label]):.2f} |")
     lines += ["", "Paired differences by seed (points; 95% CI; **bold**: the CI excludes 0) and wins over seeds, "

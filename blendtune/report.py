@@ -142,7 +142,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, t * statistics.stdev(values) / math.sqrt(n)
 
 
-def _mean_ci_text(values: list[float]) -> str:
+def mean_ci_text(values: list[float]) -> str:
+    """Scores in [0, 1] as points, `mean ± half-width of the 95% CI`: the one text the report and the
+    leaderboard print, so that both round a mean the same way."""
     if not values:
         return "-"
     mean, half = mean_ci(values)
@@ -165,6 +167,12 @@ class PairedDifference:
     @property
     def excludes_zero(self) -> bool:
         return math.isfinite(self.half_width) and abs(self.mean) > self.half_width
+
+
+def difference_text(d: PairedDifference) -> str:
+    """`+2.9 ± 4.5` points, in bold where the 95% CI excludes 0."""
+    text = f"{100 * d.mean:+.1f} ± {100 * d.half_width:.1f}" if math.isfinite(d.half_width) else f"{100 * d.mean:+.1f}"
+    return f"**{text}**" if d.excludes_zero else text
 
 
 def paired_differences(final_scores: dict[str, dict[int, float]], baseline: str = "naive") -> list[PairedDifference]:
@@ -223,7 +231,7 @@ def write_report(run_dir: Path) -> Path:
         interval = label not in shared_seeds  # repeats of a seed are not more seeds: no interval over them
 
         def cell(values: list[float]) -> str:
-            return _mean_ci_text(values) if interval else _mean_text(values)
+            return mean_ci_text(values) if interval else _mean_text(values)
         pred = [t["history"][-1][f"{score}/test/{t['prediction_head']}"] for t in done]
         cells = [cell([t["history"][-1][f"{score}/test/{h}"] for t in done if f"{score}/test/{h}" in t["history"][-1]])
                  for h in heads]
@@ -242,9 +250,7 @@ def write_report(run_dir: Path) -> Path:
                   "excludes 0). Only trials that ran all their epochs count.", "",
                   "| strategy | seeds | difference | wins |", "|---|---|---|---|"]
         for d in differences:
-            text = f"{100 * d.mean:+.1f} ± {100 * d.half_width:.1f}" if math.isfinite(d.half_width) \
-                else f"{100 * d.mean:+.1f}"
-            lines.append(f"| {d.label} | {d.seeds} | {f'**{text}**' if d.excludes_zero else text} | "
+            lines.append(f"| {d.label} | {d.seeds} | {difference_text(d)} | "
                          f"{d.wins}/{d.seeds} |")
     lines += tuned_lines
     plots = _plots(run_dir, groups, heads)
@@ -285,7 +291,7 @@ def _tuning_section(tuning: dict, trials: list[dict], score: str) -> list[str]:
         head = metric.split("/")[-1]
         test = [t["history"][-1].get(f"{score}/test/{head}") for t in finals]
         test = [v for v in test if v is not None]
-        test_text = _mean_ci_text(test) if test else "-"
+        test_text = mean_ci_text(test) if test else "-"
         gap = f"{100 * (scores[chosen] - statistics.mean(test)):+.1f}" if test and math.isfinite(scores[chosen]) else "-"
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings[chosen].items())
         every = ", ".join(f"{100 * v:.1f}" if math.isfinite(v) else "failed" for v in sorted(scores.values(), reverse=True))

@@ -75,6 +75,11 @@ def test_tuned_compare_selects_on_held_out_folds_and_runs_the_choice_on_fresh_se
     assert rows["naive"].endswith(f"| {rank:.2f} |")
     assert any(line.startswith("| naive | synthetic_naive") and "(unimodal:clean)" in line
                for line in board.stdout.splitlines())
+    # and the paired difference to naive as the report prints it (one rounding for both)
+    in_report = next(line for line in report.splitlines()
+                     if line.startswith("| unimodal:clean | 2 | ") and line.count(" | ") == 3).split(" | ")[2]
+    assert any(line.startswith("| unimodal:clean | synthetic_naive") and line.split(" | ")[2] == in_report
+               for line in board.stdout.splitlines())
 
 
 def test_tune_refuses_a_strategy_without_a_space_before_starting_ray(tmp_path, capsys):
