@@ -3,19 +3,26 @@ per cell the prediction head's test score, mean ± 95% CI over seeds; per strate
 to naive and to the best single modality of that experiment, its wins, and its average rank across the
 experiments (BalanceBench's table, with intervals). Only seed runs count (a tuned comparison's tuning
 trials chose the settings; they are not scored here).
+
+Several comparisons of one experiment (the same config but for where it wrote and the strategies, and the
+same tuning budget) make one column, so that strategies compared in a later run join the earlier ones:
+paired differences stay paired because seed runs are numbered alike. A strategy in two of them is taken from the first folder given; the board says which.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 
 from blendtune.errors import UserError
 from blendtune.report import difference_text, load_trials, mean_ci_text, paired_differences, score_of
 from blendtune.runs import load_run_config, load_tuning
+from blendtune.strategies import STRATEGIES
 
 
-def _cells(run_dir: Path) -> tuple[str, dict[str, dict[int, float]], str, bool]:
-    """(experiment name, label -> seed -> final test score of its prediction head, score name, tuned?)."""
+def _cells(run_dir: Path) -> tuple[str, dict[str, dict[int, float]], str, tuple | None, dict]:
+    """(experiment name, label -> seed -> final test score of its prediction head, score name, the tuning
+    budget (trials, folds; None: not tuned), the config every arm shares)."""
     trials = [t for t in load_trials(run_dir) if t["phase"] != "tune" and t["history"]
               and len(t["history"]) == t["epochs_planned"]]
     if not trials:
@@ -26,7 +33,37 @@ def _cells(run_dir: Path) -> tuple[str, dict[str, dict[int, float]], str, bool]:
         value = t["history"][-1].get(f"{score}/test/{t['prediction_head']}")
         if value is not None:
             cells.setdefault(t["label"], {})[t["seed"]] = value
-    return load_run_config(run_dir).name, cells, score, load_tuning(run_dir) is not None
+    cfg = dataclasses.asdict(load_run_config(run_dir))
+    # what every arm shares: less where it wrote, and less the strategy and its options, which vary by arm
+    for key in ("output_dir", "strategy", *STRATEGIES.sections()):
+        cfg.pop(key, None)
+    cfg["sweep"].pop("storage_path")
+    tuning = load_tuning(run_dir)
+    budget = (tuning["trials"], tuning.get("folds", 1)) if tuning is not None else None
+    return cfg["name"], cells, score, budget, cfg
+
+
+def _merged(runs: list[dict]) -> list[dict]:
+    """One experiment per config: the runs of one config become one column, each strategy from the first
+    run that has it; `notes` says where a strategy came from and which other results of it were left out."""
+    experiments: list[dict] = []
+    for run in runs:
+        same = next((e for e in experiments if (e["config"], e["score"], e["budget"])
+                     == (run["config"], run["score"], run["budget"])), None)
+        if same is None:
+            experiments.append({**run, "dirs": [run["dir"]], "cells": dict(run["cells"]), "notes": []})
+            continue
+        same["dirs"].append(run["dir"])
+        joined = sorted(label for label in run["cells"] if label not in same["cells"])
+        if joined:
+            same["notes"].append(f"{', '.join(joined)} from `{run['dir']}`")
+        for label, seeds in run["cells"].items():
+            if label not in same["cells"]:
+                same["cells"][label] = seeds
+            elif seeds != same["cells"][label]:
+                same["notes"].append(f"{label} in `{run['dir']}` ({mean_ci_text(list(seeds.values()))}) left out: "
+                                     "the first folder's is shown")
+    return experiments
 
 
 def _difference(d) -> str:
@@ -37,12 +74,14 @@ def leaderboard(run_dirs: list[Path]) -> str:
     """The leaderboard's markdown."""
     if not run_dirs:
         raise UserError("leaderboard: give at least one comparison folder")
-    experiments = []
+    runs = []
     for run_dir in run_dirs:
-        name, cells, score, tuned = _cells(Path(run_dir))
-        experiments.append({"name": name, "dir": Path(run_dir), "cells": cells, "score": score, "tuned": tuned})
+        name, cells, score, budget, config = _cells(Path(run_dir))
+        runs.append({"name": name, "dir": Path(run_dir), "cells": cells, "score": score, "budget": budget,
+                     "config": config})
+    experiments = _merged(runs)
     names = [e["name"] for e in experiments]
-    if len(set(names)) < len(names):  # the same experiment twice: tell them apart by folder
+    if len(set(names)) < len(names):  # one experiment name, different configs: tell them apart by folder
         for e in experiments:
             e["name"] = f"{e['name']} ({e['dir'].name})"
     labels = sorted({label for e in experiments for label in e["cells"]},
@@ -83,7 +122,10 @@ def leaderboard(run_dirs: list[Path]) -> str:
             single = f"{_difference(s)} ({e['best_single']})" if s is not None else "-"
             lines.append(f"| {label} | {e['name']} | {_difference(n)} | {f'{n.wins}/{n.seeds}' if n else '-'} | "
                          f"{single} | {f'{s.wins}/{s.seeds}' if s else '-'} |")
-    lines += ["", "Comparisons: " + ", ".join(f"{e['name']}: `{e['dir']}`" + (" (tuned at an equal budget)"
-                                                                              if e["tuned"] else "")
+    lines += ["", "Comparisons: " + ", ".join(f"{e['name']}: " + " + ".join(f"`{d}`" for d in e["dirs"])
+                                              + (f" (tuned at an equal budget: {e['budget'][0]} trials"
+                                                 + (f" x {e['budget'][1]} folds" if e["budget"][1] > 1 else "")
+                                                 + " per strategy)" if e["budget"] else "")
                                               for e in experiments)]
+    lines += [f"- {e['name']}: {note}" for e in experiments for note in e["notes"]]
     return "\n".join(lines) + "\n"

@@ -62,14 +62,14 @@ def test_tuned_compare_selects_on_held_out_folds_and_runs_the_choice_on_fresh_se
         assert f"| {100 * held_out[chosen]:.1f} |" in row
     # the table's rows are the seed runs only, tuning trials are listed in their own section
     assert "| naive | 2 | 2 | 1 |" in report and "## Tuning: 2 random-search trials per strategy x 2 held-out folds" in report
-    # a leaderboard of it (twice: two experiments with the same numbers), against the report's own numbers
+    # a leaderboard of it, against the report's own numbers (the folder given twice is one experiment: one column)
     board = cli_in_process(capsys, "leaderboard", run_dir, run_dir, "--out", tmp_path / "board.md")  # no Ray
     assert board.returncode == 0, board.stderr[-2000:]
     assert (tmp_path / "board.md").read_text() == board.stdout.rstrip("\n") + "\n"
     naive_cell = next(line for line in report.splitlines() if line.startswith("| naive | 2 |")).split(" | ")[4]
     rows = {line.split(" | ")[0][2:]: line for line in board.stdout.splitlines()  # the first table's rows
-            if line.startswith("| ") and line.count(" | ") == 3}
-    assert rows["naive"].count(f"{naive_cell} (2)") == 2
+            if line.startswith("| ") and line.count(" | ") == 2}
+    assert rows["naive"].count(f"{naive_cell} (2)") == 1 and "left out" not in board.stdout
     means = {label: float(rows[label].split(" | ")[1].split(" ")[0]) for label in ("naive", "unimodal:clean")}
     rank = 1 + sum(m > means["naive"] for m in means.values())
     assert rows["naive"].endswith(f"| {rank:.2f} |")
@@ -80,6 +80,28 @@ def test_tuned_compare_selects_on_held_out_folds_and_runs_the_choice_on_fresh_se
                      if line.startswith("| unimodal:clean | 2 | ") and line.count(" | ") == 3).split(" | ")[2]
     assert any(line.startswith("| unimodal:clean | synthetic_naive") and line.split(" | ")[2] == in_report
                for line in board.stdout.splitlines())
+
+
+def test_leaderboard_joins_comparisons_of_one_experiment_at_one_budget_into_one_column():
+    from blendtune.leaderboard import _merged
+    config = {"name": "avdigits", "train": {"epochs": 12}}
+    first = {"name": "avdigits", "dir": Path("/runs/a"), "score": "acc", "budget": (4, 1), "config": config,
+             "cells": {"naive": {1000: 0.60, 1001: 0.62}, "unimodal:image": {1000: 0.70, 1001: 0.71}}}
+    later = {**first, "dir": Path("/runs/b"),  # newer strategies, and image alone drew other candidates
+             "cells": {"naive": {1000: 0.60, 1001: 0.62}, "ume": {1000: 0.66, 1001: 0.65},
+                       "unimodal:image": {1000: 0.69, 1001: 0.70}}}
+    other_budget = {**later, "dir": Path("/runs/c"), "budget": (8, 1)}
+    other_data = {**later, "dir": Path("/runs/d"), "config": {**config, "train": {"epochs": 24}}}
+    untuned = {**later, "dir": Path("/runs/e"), "budget": None}
+    merged = _merged([first, later, other_budget, other_data, untuned])
+    assert [e["dirs"] for e in merged] == [[Path("/runs/a"), Path("/runs/b")], [Path("/runs/c")], [Path("/runs/d")],
+                                           [Path("/runs/e")]]
+    joined = merged[0]
+    assert joined["cells"] == {"naive": {1000: 0.60, 1001: 0.62}, "unimodal:image": {1000: 0.70, 1001: 0.71},
+                               "ume": {1000: 0.66, 1001: 0.65}}  # a strategy in both: the first folder's
+    assert joined["notes"] == ["ume from `/runs/b`", "unimodal:image in `/runs/b` (69.5 ± 6.4) left out: the first "
+                               "folder's is shown"]
+    assert first["cells"] == {"naive": {1000: 0.60, 1001: 0.62}, "unimodal:image": {1000: 0.70, 1001: 0.71}}
 
 
 def test_tune_refuses_a_strategy_without_a_space_before_starting_ray(tmp_path, capsys):
