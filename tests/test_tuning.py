@@ -99,8 +99,8 @@ def test_leaderboard_joins_comparisons_of_one_experiment_at_one_budget_into_one_
     joined = merged[0]
     assert joined["cells"] == {"naive": {1000: 0.60, 1001: 0.62}, "unimodal:image": {1000: 0.70, 1001: 0.71},
                                "ume": {1000: 0.66, 1001: 0.65}}  # a strategy in both: the first folder's
-    assert joined["notes"] == ["ume from `/runs/b`", "unimodal:image in `/runs/b` (69.5 ± 6.4) left out: the first "
-                               "folder's is shown"]
+    assert joined["notes"] == ["ume from `/runs/b`",
+                               "unimodal:image in `/runs/b` (69.5 ± 6.4) left out: the first folder's is shown"]
     assert first["cells"] == {"naive": {1000: 0.60, 1001: 0.62}, "unimodal:image": {1000: 0.70, 1001: 0.71}}
 
 
