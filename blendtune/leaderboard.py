@@ -6,7 +6,8 @@ trials chose the settings; they are not scored here).
 
 Several comparisons of one experiment (the same config but for where it wrote and the strategies, and the
 same tuning budget) make one column, so that strategies compared in a later run join the earlier ones:
-paired differences stay paired because seed runs are numbered alike. A strategy in two of them is taken from the first folder given; the board says which.
+paired differences stay paired because seed runs are numbered alike. A strategy in two of them is taken
+from the first folder given; the board says which.
 """
 from __future__ import annotations
 
