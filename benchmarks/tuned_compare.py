@@ -55,10 +55,11 @@ def main() -> None:
     name = f"tuned_compare_{Path(args.experiment).stem}{'_' + args.tag if args.tag else ''}"
     command = "python benchmarks/tuned_compare.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(f"`{command}`: {minutes:.1f} min wall time, folder `{done.run_dir}`.\n\n"
-                                         + done.report)
+    # a resumed run knows only its own time: say so, the earlier parts' time is the user's to add
+    timing = f"{minutes:.1f} min wall time" + (" for this resumed part only" if args.resume else "")
+    (RESULTS / f"{name}.md").write_text(f"`{command}`: {timing}, folder `{done.run_dir}`.\n\n" + done.report)
     print(done.report)
-    print(f"{minutes:.1f} min; {RESULTS / name}.md")
+    print(f"{timing}; {RESULTS / name}.md")
 
 
 if __name__ == "__main__":
