@@ -21,9 +21,10 @@ from blendtune.runs import load_run_config, load_tuning
 from blendtune.strategies import STRATEGIES
 
 
-def _cells(run_dir: Path) -> tuple[str, dict[str, dict[int, float]], str, tuple | None, dict]:
-    """(experiment name, label -> seed -> final test score of its prediction head, score name, the tuning
-    budget (trials, folds; None: not tuned), the config every arm shares)."""
+def _run(run_dir: Path) -> dict:
+    """One comparison: its experiment's name, `cells` (label -> seed -> final test score of its prediction
+    head), the score's name, the tuning `budget` (trials, folds; None: not tuned) and the `config` every
+    arm shares."""
     trials = [t for t in load_trials(run_dir) if t["phase"] != "tune" and t["history"]
               and len(t["history"]) == t["epochs_planned"]]
     if not trials:
@@ -41,7 +42,7 @@ def _cells(run_dir: Path) -> tuple[str, dict[str, dict[int, float]], str, tuple 
     cfg["sweep"].pop("storage_path")
     tuning = load_tuning(run_dir)
     budget = (tuning["trials"], tuning.get("folds", 1)) if tuning is not None else None
-    return cfg["name"], cells, score, budget, cfg
+    return {"name": cfg["name"], "dir": run_dir, "cells": cells, "score": score, "budget": budget, "config": cfg}
 
 
 def _merged(runs: list[dict]) -> list[dict]:
@@ -55,15 +56,15 @@ def _merged(runs: list[dict]) -> list[dict]:
             experiments.append({**run, "dirs": [run["dir"]], "cells": dict(run["cells"]), "notes": []})
             continue
         same["dirs"].append(run["dir"])
-        joined = sorted(label for label in run["cells"] if label not in same["cells"])
-        if joined:
-            same["notes"].append(f"{', '.join(joined)} from `{run['dir']}`")
-        for label, seeds in run["cells"].items():
+        joined, left_out = [], []
+        for label, seeds in sorted(run["cells"].items()):
             if label not in same["cells"]:
                 same["cells"][label] = seeds
+                joined.append(label)
             elif seeds != same["cells"][label]:
-                same["notes"].append(f"{label} in `{run['dir']}` ({mean_ci_text(list(seeds.values()))}) left out: "
-                                     "the first folder's is shown")
+                left_out.append(f"{label} in `{run['dir']}` ({mean_ci_text(list(seeds.values()))}) left out: "
+                                "the first folder's is shown")
+        same["notes"] += ([f"{', '.join(joined)} from `{run['dir']}`"] if joined else []) + left_out
     return experiments
 
 
@@ -75,12 +76,7 @@ def leaderboard(run_dirs: list[Path]) -> str:
     """The leaderboard's markdown."""
     if not run_dirs:
         raise UserError("leaderboard: give at least one comparison folder")
-    runs = []
-    for run_dir in run_dirs:
-        name, cells, score, budget, config = _cells(Path(run_dir))
-        runs.append({"name": name, "dir": Path(run_dir), "cells": cells, "score": score, "budget": budget,
-                     "config": config})
-    experiments = _merged(runs)
+    experiments = _merged([_run(Path(run_dir)) for run_dir in run_dirs])
     names = [e["name"] for e in experiments]
     if len(set(names)) < len(names):  # one experiment name, different configs: tell them apart by folder
         for e in experiments:

@@ -250,8 +250,7 @@ def write_report(run_dir: Path) -> Path:
                   "excludes 0). Only trials that ran all their epochs count.", "",
                   "| strategy | seeds | difference | wins |", "|---|---|---|---|"]
         for d in differences:
-            lines.append(f"| {d.label} | {d.seeds} | {difference_text(d)} | "
-                         f"{d.wins}/{d.seeds} |")
+            lines.append(f"| {d.label} | {d.seeds} | {difference_text(d)} | {d.wins}/{d.seeds} |")
     lines += tuned_lines
     plots = _plots(run_dir, groups, heads)
     lines += ["", "Fewer epochs than planned means the scheduler stopped the trial early.", ""]
