@@ -78,15 +78,15 @@ class FitResult:
         return {k: v.detach().cpu() for k, v in self.model.encoders.state_dict().items()}
 
     def prediction_head(self) -> str:
-        """The head `predict` uses: train.predict's rule; for held_out_best the head it chose on held-out
-        data at the epoch whose weights the model holds."""
-        rule = self.config.train.predict if self.config is not None else FUSED
-        if rule != "held_out_best":
-            return rule
+        """The head `predict` uses: the one the training loop predicted with at the epoch whose weights the
+        model holds (train.predict's rule, held_out_best's choice, or a uni-modal run's one head)."""
         epoch = self.weights_epoch or (self.history[-1]["epoch"] if self.history else None)
         row = next((r for r in self.history if r.get("epoch") == epoch), self.metrics)
         chosen = [k.split("/", 1)[1] for k, v in row.items() if k.startswith("prediction/") and v == 1.0]
-        return chosen[0] if chosen else FUSED
+        if chosen:
+            return chosen[0]
+        return self.config.train.predict if self.config is not None and self.config.train.predict != "held_out_best" \
+            else FUSED
 
     @torch.no_grad()
     def predict(self, data, batch_size: int = 256) -> Predictions:

@@ -48,7 +48,8 @@ class TrainOptions:
     channels_last: Optional[bool] = None  # unset: on for CUDA and CPU (NHWC convs and pools run faster on both)
     cudnn_benchmark: bool = True          # CUDA: let cuDNN pick the fastest conv algorithms for the shapes
     compile: bool = False                 # torch.compile the model for the training step (slow to start)
-    predict: str = "fused"                # the prediction head: fused | ensemble | held_out_best (chosen on V)
+    # the prediction head: fused | ensemble | held_out_best (chosen on V); a unimodal run uses its modality's
+    predict: str = "fused"
     monitor: Optional[str] = None         # the held-out metric early stopping and keep_best watch (loss/... lower is
                                           # better); unset: the prediction head's held-out accuracy (mAP)
     early_stopping_patience: Optional[int] = None  # stop after this many epochs without a better monitor
@@ -175,7 +176,7 @@ class Trainer:
             self.scheduler.step()
             evaluation = self.evaluate(self.model)  # T (or T') and V: all a strategy or a selection may see
             self.strategy.on_epoch_end(epoch, evaluation, self.context)
-            head = prediction_head(evaluation, self.options.predict, self.model.modalities)
+            head = self.strategy.only_head or prediction_head(evaluation, self.options.predict, self.model.modalities)
             metrics = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                        "loss/objective": train_loss, **evaluation.metrics(),
                        **prediction_metrics(evaluation, head, self.model.modalities),

@@ -130,6 +130,20 @@ def test_test_data_is_optional(data):
     assert "acc/held_out/fused" in result.metrics and not any("/test/" in k for k in result.metrics)
 
 
+def test_a_unimodal_run_predicts_with_its_one_trained_head(data):
+    """The fused head of a uni-modal run is untrained: the logged prediction, early stopping's default
+    monitor and `predict` all use the modality's head, whatever train.predict says."""
+    train, test = data
+    for predict in ("fused", "ensemble"):
+        result = blendtune.fit(TwoStreamNet(), train, test, strategy="unimodal", modality="video", predict=predict,
+                               epochs=3, **QUIET)
+        metrics = result.metrics
+        assert metrics["acc/test/prediction"] == metrics["acc/test/video"] > 0.5 > metrics["acc/test/fused"]
+        assert metrics["prediction/video"] == 1.0 and result.prediction_head() == "video"
+        classes = result.predict(test).classes
+        assert (classes == torch.as_tensor(test.targets)).float().mean().item() == pytest.approx(metrics["acc/test/video"])
+
+
 class VariableLengthClips(torch.utils.data.Dataset):
     """Audio clips of different lengths, as a folder of recordings gives them."""
 

@@ -98,6 +98,12 @@ class BalancingStrategy:
         self.seed = seed
         self.total_epochs = total_epochs
 
+    @property
+    def only_head(self) -> str | None:
+        """The one head this strategy trains, which then predicts whatever `train.predict` says (unimodal:
+        its modality; the others are untrained); None: every head trains and `train.predict` chooses."""
+        return None
+
     def prepare_inference(self, model: LateFusionClassifier) -> None:
         """Set up a trained model for prediction as the method defines it (MLA: entropy-weighted fusion);
         `setup` calls it, and so does blendtune.load on a model rebuilt from its run directory."""

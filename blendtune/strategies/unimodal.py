@@ -27,5 +27,9 @@ class Unimodal(BalancingStrategy):
             raise OptionError("modality", f"expected one of {', '.join(model.modalities)}, "
                                           f"got {self.options.modality!r}")
 
+    @property
+    def only_head(self) -> str:
+        return self.options.modality
+
     def loss(self, out: ModelOutput, targets: torch.Tensor, epoch: int) -> torch.Tensor:
         return classification_loss(out.logits[self.options.modality], targets)
